@@ -1,0 +1,24 @@
+"""arch: the models. Blocks, mixers, FFNs, residual updates, preconditioners and their registries.
+
+Imports only torch and the standard library; never `trainer`, `launch` or `data_pipeline`.
+`arch.registry` is the dependency-free leaf that every package may import.
+"""
+
+from arch import attention, mlp, preconditioner, residual  # noqa: F401  (register built-ins)
+from arch.config import ModelConfig, validate_model_config
+from arch.layers_registry import ATTENTION, FFNS, MIXERS, PRECONDITIONERS, RESIDUALS
+from arch.model import HybridLM, build_model, count_parameters, lm_loss
+
+__all__ = [
+    "ATTENTION",
+    "FFNS",
+    "MIXERS",
+    "PRECONDITIONERS",
+    "RESIDUALS",
+    "HybridLM",
+    "ModelConfig",
+    "build_model",
+    "count_parameters",
+    "lm_loss",
+    "validate_model_config",
+]

@@ -1,0 +1,47 @@
+"""The attention mixer (`*`) and its kernels (registry `attention`)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch.config import AttentionConfig, ModelConfig
+from arch.layers_registry import ATTENTION, MIXERS
+from arch.preconditioner import make_linear
+from arch.rope import apply_rope, rope_cos_sin
+
+
+@ATTENTION.register("sdpa")
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig
+) -> torch.Tensor:
+    """Full causal attention through torch's scaled_dot_product_attention (flash on GPU)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+@MIXERS.register("attention")
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads and optional RoPE."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.cfg = cfg.attention
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.kernel = ATTENTION.get(cfg.attention.name)
+        kv_dim = self.n_kv_heads * self.head_dim
+        self.wq = make_linear(cfg, cfg.d_model, cfg.d_model, "wq")
+        self.wk = make_linear(cfg, cfg.d_model, kv_dim, "wk")
+        self.wv = make_linear(cfg, cfg.d_model, kv_dim, "wv")
+        self.wo = make_linear(cfg, cfg.d_model, cfg.d_model, "wo")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cfg.rope:
+            cos, sin = rope_cos_sin(t, self.head_dim, self.cfg.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.kernel(q, k, v, self.cfg)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))

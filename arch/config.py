@@ -1,0 +1,137 @@
+"""The model's config: typed dataclasses that OmegaConf turns into a structured config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from arch.registry import ConfigError
+
+# Pattern symbols and the (registry kind, default plugin) they stand for. The table is open:
+# `model.symbols` adds or re-points symbols (e.g. {"A": "my_mixer"}) without touching code.
+DEFAULT_SYMBOLS: dict[str, tuple[str, str]] = {
+    "*": ("mixer", "attention"),
+    "-": ("ffn", "mlp"),
+    "M": ("mixer", "mamba"),
+    "S": ("mixer", "mamba2"),
+    "E": ("ffn", "moe"),
+}
+STAGE_SEPARATOR = "|"
+
+
+@dataclass
+class AttentionConfig:
+    name: str = "sdpa"  # attention implementation (registry `attention`)
+    rope: bool = True  # rotary position embedding on q and k (Llama: on, Jamba: off)
+    rope_theta: float = 10000.0
+    window: Optional[int] = None  # sliding-window size in tokens (implementations that use it)
+
+
+@dataclass
+class ResidualConfig:
+    name: str = "plain"  # how a sub-layer's output updates the residual stream (registry `residual`)
+    options: dict[str, Any] = field(default_factory=dict)  # plugin-specific settings
+
+
+@dataclass
+class PreconditionerConfig:
+    name: str = "none"  # weight re-parameterisation (registry `preconditioner`)
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    pattern: str = "*-*-*-*-"  # one symbol per residual sub-layer; `|` between pipeline stages
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None means n_heads
+    vocab_size: int = 257  # the tokenizer's real vocabulary
+    vocab_pad_multiple: int = 128  # embedding rows padded so any TP size divides them
+    ffn_hidden: Optional[int] = None  # None: 8/3 * d_model rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64
+    ffn_activation: str = "swiglu"
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    symbols: dict[str, str] = field(default_factory=dict)  # extra / re-pointed pattern symbols
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
+
+    # Derived values (never stored in the config, always computed the same way).
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        hidden = int(8 * self.d_model / 3)
+        m = self.ffn_multiple_of
+        return -(-hidden // m) * m
+
+    @property
+    def layers(self) -> list[str]:
+        """The pattern's symbols without stage separators."""
+        return [s for s in self.pattern if s != STAGE_SEPARATOR]
+
+    def symbol_table(self) -> dict[str, tuple[str, str]]:
+        table = dict(DEFAULT_SYMBOLS)
+        for symbol, plugin in self.symbols.items():
+            kind = table[symbol][0] if symbol in table else _kind_of_plugin(plugin)
+            table[symbol] = (kind, plugin)
+        return table
+
+
+def _kind_of_plugin(plugin: str) -> str:
+    from arch.layers_registry import FFNS, MIXERS  # late: the registries import this module
+
+    if plugin in MIXERS:
+        return "mixer"
+    if plugin in FFNS:
+        return "ffn"
+    raise ConfigError(
+        "model.symbols", f"{plugin!r} is neither a registered mixer nor ffn "
+        f"(mixers: {', '.join(MIXERS.names())}; ffns: {', '.join(FFNS.names())})"
+    )
+
+
+def validate_model_config(cfg: ModelConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot build a model."""
+    for key in ("d_model", "n_heads", "vocab_size", "vocab_pad_multiple", "ffn_multiple_of"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"model.{key}", f"must be positive, got {getattr(cfg, key)}")
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            "model.n_heads", f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
+        )
+    if cfg.kv_heads <= 0 or cfg.n_heads % cfg.kv_heads:
+        raise ConfigError(
+            "model.n_kv_heads",
+            f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}",
+        )
+    if cfg.attention.rope and cfg.head_dim % 2:
+        raise ConfigError("model.attention.rope", f"RoPE needs an even head_dim, got {cfg.head_dim}")
+    if not cfg.layers:
+        raise ConfigError("model.pattern", "is empty; give at least one symbol, e.g. '*-'")
+    table = cfg.symbol_table()
+    for i, symbol in enumerate(cfg.pattern):
+        if symbol != STAGE_SEPARATOR and symbol not in table:
+            raise ConfigError(
+                "model.pattern",
+                f"unknown symbol {symbol!r} at position {i}; known: {''.join(sorted(table))} "
+                f"(add one with model.symbols)",
+            )
+    stages = cfg.pattern.split(STAGE_SEPARATOR)
+    if any(not stage for stage in stages):
+        raise ConfigError("model.pattern", f"{cfg.pattern!r} has an empty pipeline stage")

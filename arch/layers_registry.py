@@ -1,0 +1,22 @@
+"""The model's plugin registries: what each kind of plugin is and what it must provide.
+
+- ``mixer``: token mixer of a pattern sub-layer (``*`` attention, ``M`` mamba, ...). A class
+  ``cls(cfg: ModelConfig, layer_index: int) -> nn.Module`` with ``forward(x) -> y``, x, y [B, T, D].
+- ``ffn``: channel mixer of a pattern sub-layer (``-`` mlp, ``E`` moe, ...); same signature.
+- ``attention``: an attention kernel ``fn(q, k, v, cfg: AttentionConfig) -> out`` on
+  [B, heads, T, head_dim] tensors, k/v possibly with fewer (grouped) heads; causal.
+- ``residual``: a ``ResidualUpdate`` subclass (see ``arch.residual``): how a sub-layer's output
+  updates the residual-stream state.
+- ``preconditioner``: ``fn(linear: nn.Linear, cfg: PreconditionerConfig) -> nn.Module``, a
+  weight re-parameterisation wrapped around a projection.
+"""
+
+from __future__ import annotations
+
+from arch.registry import Registry
+
+MIXERS: Registry = Registry("mixer", "token mixers for pattern symbols (attention, mamba, ...)")
+FFNS: Registry = Registry("ffn", "channel mixers for pattern symbols (mlp, moe, ...)")
+ATTENTION: Registry = Registry("attention", "attention kernels used by the attention mixer")
+RESIDUALS: Registry = Registry("residual", "residual-stream updates (plain, heavy_ball, tmm, ...)")
+PRECONDITIONERS: Registry = Registry("preconditioner", "weight re-parameterisations (none, pc)")

@@ -1,0 +1,90 @@
+"""The hybrid decoder: embeddings -> pattern of sub-layers over a residual state -> norm -> head.
+
+Single-device model code only; how it is split over GPUs lives in `trainer`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch.config import ModelConfig, validate_model_config
+from arch.layers_registry import FFNS, MIXERS, RESIDUALS
+from arch.residual import State
+
+# Projections whose output is added to the residual stream: initialised smaller (GPT-2 / Megatron).
+RESIDUAL_OUT_ROLES = ("wo", "w2")
+
+
+class SubLayer(nn.Module):
+    """One pattern symbol: pre-norm, the mixer or FFN plugin, and its residual update."""
+
+    def __init__(self, cfg: ModelConfig, index: int, symbol: str) -> None:
+        super().__init__()
+        kind, plugin = cfg.symbol_table()[symbol]
+        registry = MIXERS if kind == "mixer" else FFNS
+        self.symbol = symbol
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.inner = registry.get(plugin)(cfg, index)
+        self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
+
+    def forward(self, state: State) -> State:
+        return self.residual(state, lambda h: self.inner(self.norm(h)))
+
+
+class HybridLM(nn.Module):
+    """Decoder-only language model described by ``cfg.pattern``; returns logits [B, T, vocab]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        validate_model_config(cfg)
+        self.cfg = cfg
+        vocab = cfg.padded_vocab_size
+        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.state_init = RESIDUALS.get(cfg.residual.name).build_state_init(cfg)
+        self.layers = nn.ModuleList(SubLayer(cfg, i, s) for i, s in enumerate(cfg.layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 L)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * len(self.layers))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out = any(f".{role}" in f".{name}" for role in RESIDUAL_OUT_ROLES)
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        state = self.state_init(self.embed(input_ids), input_ids)
+        for layer in self.layers:
+            state = layer(state)
+        h = self.norm(state["x"])
+        weight = self.embed.weight if self.head is None else self.head.weight
+        # Padding rows exist for sharding only: logits cover the real vocabulary.
+        return F.linear(h, weight[: self.cfg.vocab_size])
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (targets already shifted by the caller)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None) -> HybridLM:
+    """Build the model, initialised from ``seed`` (same weights for the same seed and config)."""
+    if seed is None:
+        return HybridLM(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return HybridLM(cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
