@@ -1,0 +1,196 @@
+"""Atomic checkpoints, their verification, discovery and retention.
+
+Layout of ``run_dir/checkpoints``::
+
+    step_00000100/            model.safetensors, optimizer.pt, state.pt, config.yaml, manifest.json
+    step_00000200/
+    latest                    "step_00000200", replaced atomically after the directory is complete
+
+A checkpoint is written into ``step_N.tmp`` and renamed, so a directory named ``step_N`` is only
+ever complete; ``manifest.json`` is written last inside it and lists every file's size and
+xxh64, so truncation or bit rot is caught on load instead of half-loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from arch.registry import UserError
+
+FORMAT = "hybridtron-checkpoint/1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupt or written for another model."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _file_digest(path: Path) -> str:
+    h = xxhash.xxh64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint directory and what it holds."""
+
+    path: Path
+    step: int
+    config: dict  # the resolved run config it was written with
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return load_file(self.path / MODEL_FILE)
+
+    def optimizer_state(self) -> dict:
+        return torch.load(self.path / OPTIMIZER_FILE, weights_only=False)
+
+    def trainer_state(self) -> dict:
+        return torch.load(self.path / STATE_FILE, weights_only=False)
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+) -> Path:
+    """Write a complete checkpoint for ``step`` atomically; returns its directory."""
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = checkpoints_dir / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(config_yaml)
+    files = {
+        p.name: {"bytes": p.stat().st_size, "xxh64": _file_digest(p)}
+        for p in sorted(tmp.iterdir())
+    }
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _write_atomic(checkpoints_dir / LATEST, final.name + "\n")
+    return final
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify_checkpoint(path: str | Path) -> Checkpoint:
+    """Check that ``path`` is a complete hybridtron checkpoint; raise CheckpointError if not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        raise CheckpointError(
+            f"{path} is not a complete hybridtron checkpoint ({MANIFEST} missing): it was "
+            f"written by another tool or interrupted; resume from another checkpoint"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{manifest_file} is corrupt ({exc}); resume from another checkpoint") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} lacks {name}; resume from another checkpoint")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is {size} bytes, the manifest says {expected['bytes']} "
+                f"(truncated?); resume from another checkpoint"
+            )
+        if _file_digest(file) != expected["xxh64"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} does not match its xxh64 in the manifest (corrupt); "
+                f"resume from another checkpoint"
+            )
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))
+    return Checkpoint(path=path, step=int(manifest["step"]), config=config)
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete-looking step directories, oldest first (``*.tmp`` leftovers are not listed)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    dirs = [p for p in checkpoints_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(dirs, key=lambda p: p.name)
+
+
+def find_latest_checkpoint(checkpoints_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint in ``checkpoints_dir``, verified; None when there is none.
+
+    The newest directory wins over the ``latest`` pointer (a crash between the rename and the
+    pointer update leaves a complete but unpointed directory). A corrupt newest checkpoint is an
+    error, never silently skipped: the user decides whether to fall back.
+    """
+    dirs = list_checkpoints(checkpoints_dir)
+    if not dirs:
+        return None
+    newest = dirs[-1]
+    try:
+        return verify_checkpoint(newest)
+    except CheckpointError as exc:
+        older = f" (the one before is {dirs[-2]})" if len(dirs) > 1 else ""
+        raise CheckpointError(
+            f"{exc}. To resume from an older checkpoint pass trainer.resume_from=PATH{older}; "
+            f"to start over, use another trainer.run_dir"
+        ) from None
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (and stale ``*.tmp``); returns the deleted."""
+    removed = []
+    for stale in checkpoints_dir.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old)
+        removed.append(old)
+    return removed

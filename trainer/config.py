@@ -1,0 +1,138 @@
+"""The run config: trainer, optimizer and parallel settings, composed with model and data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from arch.config import ModelConfig
+from arch.registry import ConfigError
+from data_pipeline.config import DataConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # registry `optimizer`
+    lr: float = 3e-3
+    weight_decay: float = 0.1  # applied to matrices only (not norms or embeddings)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    scheduler: str = "cosine"  # registry `scheduler`: cosine | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # the schedule's floor, as a fraction of lr
+    decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 300
+    seed: int = 1234
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    global_batch_size: int = 16  # = micro_batch_size x grad accumulation x data-parallel size
+    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    log_every: int = 10
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8  # held-out micro-batches per evaluation
+    checkpoint_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 3  # newest K checkpoints kept
+    stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still spans max_steps
+    resume: bool = True  # continue from the newest checkpoint in run_dir if there is one
+    resume_from: Optional[str] = None  # or from this checkpoint directory
+    progress: bool = True  # progress bar on stderr
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def grad_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank, after checking the batch arithmetic."""
+    t, p = cfg.trainer, cfg.parallel
+    model_parallel = p.tensor * p.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(
+            "parallel.tensor",
+            f"tensor x pipeline = {model_parallel} does not divide the {world_size} processes",
+        )
+    dp = world_size // model_parallel
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{t.global_batch_size} is not divisible by micro_batch_size x data-parallel size "
+            f"= {t.micro_batch_size} x {dp}; use a multiple of {per_step}",
+        )
+    return t.global_batch_size // per_step
+
+
+def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
+    t, o, p = cfg.trainer, cfg.optim, cfg.parallel
+    positive = {
+        "trainer.max_steps": t.max_steps,
+        "trainer.seq_len": t.seq_len,
+        "trainer.micro_batch_size": t.micro_batch_size,
+        "trainer.global_batch_size": t.global_batch_size,
+        "trainer.log_every": t.log_every,
+        "trainer.eval_batches": t.eval_batches,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
+        "optim.lr": o.lr,
+        "parallel.tensor": p.tensor,
+        "parallel.pipeline": p.pipeline,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+    for key, value in {
+        "trainer.eval_every": t.eval_every,
+        "trainer.checkpoint_every": t.checkpoint_every,
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.weight_decay": o.weight_decay,
+        "optim.grad_clip": o.grad_clip,
+    }.items():
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}")
+    if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
+        raise ConfigError("trainer.stop_at_step", f"must be in [1, max_steps={t.max_steps}], got {t.stop_at_step}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError("trainer.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 <= o.decay_fraction <= 1:
+        raise ConfigError("optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
+    if o.warmup_steps >= t.max_steps and t.max_steps > 1:
+        raise ConfigError(
+            "optim.warmup_steps", f"{o.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}"
+        )
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if p.zero_stage == 3 and p.pipeline > 1:
+        raise ConfigError("parallel.zero_stage", "ZeRO-3 needs parallel.pipeline=1; use stage 1 or 2 with pipelining")
+    n_layers = len(cfg.model.layers)
+    if p.pipeline > n_layers:
+        raise ConfigError("parallel.pipeline", f"{p.pipeline} stages for {n_layers} sub-layers; use at most {n_layers}")
+    if cfg.model.n_heads % p.tensor or cfg.model.kv_heads % p.tensor:
+        raise ConfigError(
+            "parallel.tensor",
+            f"{p.tensor} must divide model.n_heads={cfg.model.n_heads} and n_kv_heads={cfg.model.kv_heads}",
+        )
+    grad_accumulation_steps(cfg, world_size)

@@ -1,0 +1,187 @@
+"""The Trainer: data -> steps -> metrics -> evaluation -> checkpoints, resumable exactly.
+
+Everything that decides the next step's numbers is in a checkpoint: weights, optimizer moments,
+the step counter (the LR schedule is a pure function of it), every RNG, and the data loader's
+position; so N steps equal N/2 steps + resume + N/2 steps, bit for bit (fp32, same machine).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from arch.registry import UserError
+from data_pipeline import build_train_loader, check_prepared, load_eval_set, prepare_data
+from data_pipeline.prepare import MANIFEST
+from trainer import checkpoint as ckpt
+from trainer.config import RunConfig, grad_accumulation_steps
+from trainer.metrics import MetricsLogger, ProgressBar
+from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.schedules import lr_at
+from trainer.train_module import TrainModule
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def model_config_dict(cfg: RunConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg.model))
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> loss, of this process's steps
+    eval_loss: float | None = None
+    last_checkpoint: Path | None = None
+    resumed_from: Path | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, log=print) -> None:
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = Path(cfg.trainer.run_dir)
+        self.checkpoints_dir = self.run_dir / "checkpoints"
+        self.accum = grad_accumulation_steps(cfg, world_size=1)
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _ensure_data(self) -> dict:
+        data = self.cfg.data
+        if not (Path(data.path) / MANIFEST).exists() and data.prepare_if_missing and not data.remote:
+            self.log(f"[data] preparing {data.dataset!r} with tokenizer {data.tokenizer!r} into {data.path}")
+            prepared = prepare_data(data, self.cfg.trainer.seq_len, progress=self.cfg.trainer.progress)
+            m = prepared.manifest
+            self.log(
+                f"[data] {m['documents']} documents, {m['bytes'] / 1e6:.1f} MB -> "
+                f"{m['splits']['train']['samples']} train / {m['splits']['eval']['samples']} eval samples "
+                f"in {m['seconds']} s"
+            )
+        return check_prepared(data, self.cfg.trainer.seq_len, self.cfg.model.vocab_size)
+
+    def _resume_point(self) -> ckpt.Checkpoint | None:
+        t = self.cfg.trainer
+        if t.resume_from:
+            return ckpt.verify_checkpoint(t.resume_from)
+        if t.resume:
+            return ckpt.find_latest_checkpoint(self.checkpoints_dir)
+        if ckpt.list_checkpoints(self.checkpoints_dir):
+            raise UserError(
+                f"{self.checkpoints_dir} holds checkpoints but trainer.resume=false; use a new "
+                f"trainer.run_dir to start over (nothing is overwritten)"
+            )
+        return None
+
+    def _check_compatible(self, checkpoint: ckpt.Checkpoint) -> None:
+        theirs, ours = checkpoint.config.get("model", {}), model_config_dict(self.cfg)
+        diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+        if diffs:
+            detail = ", ".join(f"model.{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} now" for k in diffs)
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint.path} was written for another model ({detail}); "
+                f"use the same model config or another trainer.run_dir"
+            )
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, t = self.cfg, self.cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        seed_everything(t.seed)
+        manifest = self._ensure_data()
+        resume = self._resume_point()
+
+        module = TrainModule(cfg)
+        loader = build_train_loader(cfg.data, t.micro_batch_size)
+        eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
+        step, tokens = 0, 0
+        if resume is not None:
+            self._check_compatible(resume)
+            module.model.load_state_dict(resume.model_state(), strict=True)
+            module.optimizer.load_state_dict(resume.optimizer_state())
+            state = resume.trainer_state()
+            step, tokens = state["step"], state["tokens"]
+            loader.load_state_dict(state["data"])
+            set_rng_state(state["rng"])
+            self.log(f"[resume] from {resume.path} at step {step}")
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
+        metrics = MetricsLogger(self.run_dir, step)
+        if step == 0:
+            metrics.text("config", "```\n" + config_yaml(cfg) + "\n```")
+            self.log(
+                f"[model] {module.num_params / 1e6:.2f}M parameters, pattern {cfg.model.pattern!r}; "
+                f"data {manifest['splits']['train']['tokens'] / 1e6:.1f}M train tokens; "
+                f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches)"
+            )
+        result = TrainResult(run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None)
+        bar = ProgressBar(t.max_steps, step, t.progress)
+        batches = self._batches(loader)
+        tokens_per_step = t.global_batch_size * t.seq_len
+        window_start, window_tokens = time.perf_counter(), 0
+        stop = t.stop_at_step or t.max_steps
+        try:
+            while step < stop:
+                lr = lr_at(step, t.max_steps, cfg.optim)
+                out = module.train_step([next(batches) for _ in range(self.accum)], lr)
+                step, tokens = step + 1, tokens + tokens_per_step
+                window_tokens += tokens_per_step
+                result.losses[step] = out.loss
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                bar.update(out.loss, tps, lr)
+                if not torch.isfinite(torch.tensor(out.loss)):
+                    raise UserError(
+                        f"loss is {out.loss} at step {step}; lower optim.lr or use trainer.precision=fp32 "
+                        f"(the last good checkpoint is kept in {self.checkpoints_dir})"
+                    )
+                if step % t.log_every == 0 or step == 1 or step == t.max_steps:
+                    metrics.log(step, {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
+                                       "tokens": tokens, "tokens_per_s": tps})
+                    window_start, window_tokens = time.perf_counter(), 0
+                last = step == stop
+                if last or (t.eval_every and step % t.eval_every == 0):
+                    result.eval_loss = module.eval_loss(eval_set, t.micro_batch_size)
+                    metrics.log(step, {"eval/loss": result.eval_loss})
+                    bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
+                if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                    result.last_checkpoint = self._save(module, loader, step, tokens)
+        finally:
+            bar.close()
+            metrics.close()
+        result.step = step
+        return result
+
+    def _batches(self, loader) -> Iterator[torch.Tensor]:
+        """Micro-batches forever: a new epoch starts when the shards run out."""
+        while True:
+            produced = False
+            for batch in loader:
+                produced = True
+                yield batch
+            if not produced:
+                raise UserError(
+                    f"the training split of {self.cfg.data.path} yields no batch of "
+                    f"{self.cfg.trainer.micro_batch_size}; use more data or a smaller micro batch"
+                )
+
+    def _save(self, module: TrainModule, loader, step: int, tokens: int) -> Path:
+        state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
+        path = ckpt.save_checkpoint(
+            self.checkpoints_dir,
+            step,
+            module.model.state_dict(),
+            module.optimizer.state_dict(),
+            state,
+            config_yaml(self.cfg),
+        )
+        ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+        return path
