@@ -10,7 +10,7 @@ from arch.registry import ConfigError
 
 @dataclass
 class DataConfig:
-    path: str = "runs/data/stdlib-byte"  # local MDS directory (train/ and eval/ inside)
+    path: str = "runs/data/${data.dataset}-${data.tokenizer}-${trainer.seq_len}"  # local MDS dir
     remote: Optional[str] = None  # where shards are streamed from into `path` (dir or s3://)
     dataset: str = "stdlib"  # corpus that `prepare-data` (or the first train run) tokenizes
     source: Optional[str] = None  # file or directory, for corpora that read one (text, jsonl)

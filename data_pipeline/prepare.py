@@ -51,7 +51,7 @@ class _Packer:
 
     def __init__(self, out: Path, sample_len: int, dtype: np.dtype, shard_size: int) -> None:
         self.sample_len, self.dtype = sample_len, dtype
-        self.buffer: list[int] = []
+        self.buffer = np.zeros(0, dtype=dtype)
         self.samples = self.tokens = 0
         self.writer = MDSWriter(
             out=str(out),
@@ -62,12 +62,13 @@ class _Packer:
         )
 
     def add(self, ids: Iterable[int]) -> None:
-        self.buffer.extend(ids)
-        while len(self.buffer) >= self.sample_len:
-            sample, self.buffer = self.buffer[: self.sample_len], self.buffer[self.sample_len :]
-            self.writer.write({"tokens": np.asarray(sample, dtype=self.dtype)})
-            self.samples += 1
-            self.tokens += self.sample_len
+        self.buffer = np.concatenate([self.buffer, np.fromiter(ids, dtype=self.dtype)])
+        n_full = len(self.buffer) // self.sample_len
+        for row in self.buffer[: n_full * self.sample_len].reshape(n_full, self.sample_len):
+            self.writer.write({"tokens": row})
+        self.buffer = self.buffer[n_full * self.sample_len :]
+        self.samples += n_full
+        self.tokens += n_full * self.sample_len
 
     def finish(self) -> dict:
         self.writer.finish()

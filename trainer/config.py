@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from arch.config import ModelConfig
-from arch.registry import ConfigError
-from data_pipeline.config import DataConfig
+from arch.config import ModelConfig, validate_model_config
+from arch.layers_registry import ATTENTION, PRECONDITIONERS, RESIDUALS
+from arch.registry import ConfigError, Registry
+from data_pipeline.config import DataConfig, validate_data_config
+from data_pipeline.registries import DATASETS, TOKENIZERS
+from trainer.registries import OPTIMIZERS, SCHEDULERS
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -136,3 +139,31 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
             f"{p.tensor} must divide model.n_heads={cfg.model.n_heads} and n_kv_heads={cfg.model.kv_heads}",
         )
     grad_accumulation_steps(cfg, world_size)
+
+
+def _check_name(key: str, name: str, registry: Registry) -> None:
+    if name not in registry:
+        raise ConfigError(key, f"unknown {registry.kind} {name!r}; choose one of: {', '.join(registry.names())}")
+
+
+def validate_run_config(cfg: RunConfig, world_size: int = 1) -> None:
+    """Every check that can fail before a process starts; raises ConfigError naming the key."""
+    for key, name, registry in (
+        ("model.attention.name", cfg.model.attention.name, ATTENTION),
+        ("model.residual.name", cfg.model.residual.name, RESIDUALS),
+        ("model.preconditioner.name", cfg.model.preconditioner.name, PRECONDITIONERS),
+        ("optim.name", cfg.optim.name, OPTIMIZERS),
+        ("optim.scheduler", cfg.optim.scheduler, SCHEDULERS),
+        ("data.tokenizer", cfg.data.tokenizer, TOKENIZERS),
+        ("data.dataset", cfg.data.dataset, DATASETS),
+    ):
+        _check_name(key, name, registry)
+    validate_model_config(cfg.model)
+    validate_data_config(cfg.data)
+    validate_trainer_config(cfg, world_size)
+    vocab = TOKENIZERS.get(cfg.data.tokenizer).vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            "model.vocab_size",
+            f"{cfg.model.vocab_size} is smaller than tokenizer {cfg.data.tokenizer!r}'s {vocab} tokens",
+        )

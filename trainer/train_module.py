@@ -29,17 +29,8 @@ class TrainModule:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.num_params = count_parameters(self.model)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.cfg.trainer.precision == "bf16":
-            return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Next-token loss of a [B, T + 1] batch of token ids."""
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        with self.autocast():
-            logits = self.model(inputs)
-        return lm_loss(logits, targets)
+        return batch_loss(self.model, batch, self.cfg.trainer.precision)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepResult:
         self.model.train()
@@ -56,11 +47,30 @@ class TrainModule:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=total.item(), grad_norm=grad_norm.item())
 
-    @torch.no_grad()
     def eval_loss(self, samples: torch.Tensor, micro_batch_size: int) -> float:
-        """Mean loss over held-out samples [N, T + 1], in micro-batches."""
-        self.model.eval()
-        losses = [
-            self.loss(chunk).item() * len(chunk) for chunk in samples.split(micro_batch_size)
-        ]
-        return sum(losses) / len(samples)
+        return evaluate_loss(self.model, samples, micro_batch_size, self.cfg.trainer.precision)
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (master weights stay fp32) or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batch_loss(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> torch.Tensor:
+    """Next-token loss of a [B, T + 1] batch of token ids."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    with autocast(precision):
+        logits = model(inputs)
+    return lm_loss(logits, targets)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, samples: torch.Tensor, micro_batch_size: int, precision: str) -> float:
+    """Mean loss over held-out samples [N, T + 1], in micro-batches."""
+    was_training = model.training
+    model.eval()
+    total = sum(batch_loss(model, chunk, precision).item() * len(chunk) for chunk in samples.split(micro_batch_size))
+    model.train(was_training)
+    return total / len(samples)

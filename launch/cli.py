@@ -1,0 +1,221 @@
+"""The `hybridtron` command line: train, eval, generate, prepare-data, registry list."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from arch.registry import UserError
+
+MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimizer-inspired LMs.
+
+  hybridtron train [CONFIG] [key=value ...]      train (resumes from the newest checkpoint)
+  hybridtron eval CKPT                           held-out loss of a checkpoint
+  hybridtron generate CKPT --prompt TEXT         sample text (greedy or top-p)
+  hybridtron prepare-data [CONFIG] [key=value]   corpus -> tokenized MDS shards
+  hybridtron registry list [KIND]                every plugin with its one-line doc
+
+CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
+                        help="a YAML recipe (path or configs/ name) then dotlist overrides")
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridtron", description=MAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model", description="Train a model. Resumes from the "
+                       "newest checkpoint in trainer.run_dir when there is one.")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint directory")
+
+    p = sub.add_parser("eval", help="held-out loss of a checkpoint",
+                       description="Evaluate a checkpoint on the held-out split of its data.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)")
+    p.add_argument("--data", metavar="PATH", help="prepared data directory (default: the run's data.path)")
+    p.add_argument("--samples", type=int, default=256, help="held-out samples to evaluate (default 256)")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Generate text from a checkpoint: greedy by default, nucleus with --top-p.")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; omit for greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (top-p)")
+
+    p = sub.add_parser("prepare-data", help="tokenize a corpus into MDS shards",
+                       description="Tokenize data.dataset with data.tokenizer into MDS shards at data.path "
+                       "(samples of trainer.seq_len + 1 tokens).")
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace data.path if it exists")
+
+    p = sub.add_parser("registry", help="list plugins", description="List registered plugins.")
+    reg = p.add_subparsers(dest="registry_command", metavar="list")
+    r = reg.add_parser("list", help="print every plugin name with its one-line doc")
+    r.add_argument("kind", nargs="?", help="only this kind (mixer, ffn, attention, residual, ...)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"hybridtron {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"hybridtron {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.config import load_config, to_yaml
+
+    config, overrides = _split_config(args.args)
+    if args.resume_from:
+        overrides.append(f"trainer.resume_from={args.resume_from}")
+    cfg = load_config(config, overrides)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        from arch import build_model, count_parameters
+        import torch
+
+        with torch.device("meta"):
+            n = count_parameters(build_model(cfg.model))
+        print(f"# parameters: {n:,} ({n / 1e6:.2f}M)")
+        return 0
+    from trainer import Trainer
+
+    result = Trainer(cfg).fit()
+    _print_summary(cfg, config, result)
+    return 0
+
+
+def _print_summary(cfg, config: str | None, result) -> None:
+    run = result.run_dir
+    ckpt = result.last_checkpoint
+    last_loss = result.losses[max(result.losses)] if result.losses else float("nan")
+    recipe = f"{shlex.quote(config)} " if config else ""
+    more = cfg.trainer.max_steps * 2
+    lines = [
+        f"Done: step {result.step}/{cfg.trainer.max_steps}, train loss {last_loss:.4f}"
+        + (f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(result.eval_loss):.2f})"
+           if result.eval_loss is not None else ""),
+        f"  run directory    {run}",
+        f"  metrics          {run / 'metrics.jsonl'}",
+        f"  TensorBoard      tensorboard --logdir {run / 'tb'}",
+        f"  checkpoint       {ckpt}",
+        f"  resume           hybridtron train {recipe}trainer.run_dir={run}   (picks up the newest checkpoint)",
+        f"  continue longer  hybridtron train {recipe}trainer.run_dir={run} trainer.max_steps={more}",
+        f"  evaluate         hybridtron eval {ckpt}",
+        f"  generate         hybridtron generate {ckpt} --prompt 'def '",
+    ]
+    print("\n".join(lines))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from data_pipeline import check_prepared, load_eval_set
+    from launch.inference import load_model, resolve_checkpoint
+    from trainer.train_module import evaluate_loss
+
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_model(checkpoint)
+    if args.data:
+        cfg.data.path = args.data
+    check_prepared(cfg.data, cfg.trainer.seq_len, cfg.model.vocab_size)
+    samples = load_eval_set(cfg.data, args.samples)
+    loss = evaluate_loss(model, samples, cfg.trainer.micro_batch_size, cfg.trainer.precision)
+    print(f"checkpoint {checkpoint.path} (step {checkpoint.step}): held-out loss {loss:.4f}, "
+          f"perplexity {math.exp(loss):.2f} over {len(samples)} samples of {cfg.trainer.seq_len} tokens "
+          f"from {cfg.data.path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from arch.generate import generate
+    from data_pipeline import TOKENIZERS
+    from launch.inference import load_model, resolve_checkpoint
+
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    model, cfg = load_model(checkpoint)
+    tokenizer = TOKENIZERS.get(cfg.data.tokenizer)()
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise UserError("--prompt is empty; give some text to continue")
+    generator = torch.Generator().manual_seed(args.seed)
+    out = generate(model, torch.tensor([prompt]), args.max_new_tokens, top_p=args.top_p,
+                   temperature=args.temperature, generator=generator, stop_token=tokenizer.eos_id)
+    print(tokenizer.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    from data_pipeline import prepare_data
+    from launch.config import load_config
+
+    config, overrides = _split_config(args.args)
+    cfg = load_config(config, overrides)
+    prepared = prepare_data(cfg.data, cfg.trainer.seq_len, overwrite=args.overwrite)
+    m = prepared.manifest
+    print(f"prepared {m['documents']} documents ({m['bytes'] / 1e6:.1f} MB) of {m['dataset']!r} with "
+          f"tokenizer {m['tokenizer']!r}: {m['splits']['train']['samples']} train and "
+          f"{m['splits']['eval']['samples']} eval samples of {m['seq_len'] + 1} tokens in {prepared.path}")
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    import data_pipeline  # noqa: F401  (each package registers its built-ins on import)
+    import trainer  # noqa: F401
+    from arch.registry import Registry
+
+    registries = Registry.all()
+    if args.registry_command != "list":
+        raise UserError("usage: hybridtron registry list [KIND]")
+    if args.kind:
+        if args.kind not in registries:
+            raise UserError(f"unknown plugin kind {args.kind!r}; kinds: {', '.join(registries)}")
+        registries = {args.kind: registries[args.kind]}
+    for kind, registry in registries.items():
+        print(f"{kind}: {registry.description}  [entry points: {registry.entry_point_group}]")
+        for name, obj in registry.items():
+            print(f"  {name:<16} {Registry.doc_line(obj)}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "prepare-data": cmd_prepare_data,
+    "registry": cmd_registry,
+}
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
