@@ -17,7 +17,9 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig
 ) -> torch.Tensor:
     """Full causal attention through torch's scaled_dot_product_attention (flash on GPU)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
+    )
 
 
 @MIXERS.register("attention")

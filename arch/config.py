@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from arch.registry import ConfigError
 
@@ -24,12 +24,14 @@ class AttentionConfig:
     name: str = "sdpa"  # attention implementation (registry `attention`)
     rope: bool = True  # rotary position embedding on q and k (Llama: on, Jamba: off)
     rope_theta: float = 10000.0
-    window: Optional[int] = None  # sliding-window size in tokens (implementations that use it)
+    window: int | None = None  # sliding-window size in tokens (implementations that use it)
 
 
 @dataclass
 class ResidualConfig:
-    name: str = "plain"  # how a sub-layer's output updates the residual stream (registry `residual`)
+    name: str = (
+        "plain"  # how a sub-layer's output updates the residual stream (registry `residual`)
+    )
     options: dict[str, Any] = field(default_factory=dict)  # plugin-specific settings
 
 
@@ -44,10 +46,10 @@ class ModelConfig:
     pattern: str = "*-*-*-*-"  # one symbol per residual sub-layer; `|` between pipeline stages
     d_model: int = 256
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # grouped-query attention; None means n_heads
+    n_kv_heads: int | None = None  # grouped-query attention; None means n_heads
     vocab_size: int = 257  # the tokenizer's real vocabulary
     vocab_pad_multiple: int = 128  # embedding rows padded so any TP size divides them
-    ffn_hidden: Optional[int] = None  # None: 8/3 * d_model rounded up to ffn_multiple_of
+    ffn_hidden: int | None = None  # None: 8/3 * d_model rounded up to ffn_multiple_of
     ffn_multiple_of: int = 64
     ffn_activation: str = "swiglu"
     norm_eps: float = 1e-5
@@ -101,8 +103,9 @@ def _kind_of_plugin(plugin: str) -> str:
     if plugin in FFNS:
         return "ffn"
     raise ConfigError(
-        "model.symbols", f"{plugin!r} is neither a registered mixer nor ffn "
-        f"(mixers: {', '.join(MIXERS.names())}; ffns: {', '.join(FFNS.names())})"
+        "model.symbols",
+        f"{plugin!r} is neither a registered mixer nor ffn "
+        f"(mixers: {', '.join(MIXERS.names())}; ffns: {', '.join(FFNS.names())})",
     )
 
 
@@ -121,7 +124,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
             f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}",
         )
     if cfg.attention.rope and cfg.head_dim % 2:
-        raise ConfigError("model.attention.rope", f"RoPE needs an even head_dim, got {cfg.head_dim}")
+        raise ConfigError(
+            "model.attention.rope", f"RoPE needs an even head_dim, got {cfg.head_dim}"
+        )
     if not cfg.layers:
         raise ConfigError("model.pattern", "is empty; give at least one symbol, e.g. '*-'")
     table = cfg.symbol_table()

@@ -39,5 +39,7 @@ def sample_top_p(
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs[mass_before >= top_p] = 0.0  # the top token always survives (mass_before = 0)
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+    choice = torch.multinomial(
+        sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator
+    )
     return order.gather(-1, choice)

@@ -84,8 +84,7 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T, *, override: bool = False) -> None:
         if name in self._items and not override and self._items[name] is not obj:
             raise RegistryError(
-                f"{self.kind} {name!r} is registered twice; pick another name "
-                f"or pass override=True"
+                f"{self.kind} {name!r} is registered twice; pick another name or pass override=True"
             )
         self._items[name] = obj
 

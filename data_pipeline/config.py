@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from arch.registry import ConfigError
 
@@ -11,11 +10,11 @@ from arch.registry import ConfigError
 @dataclass
 class DataConfig:
     path: str = "runs/data/${data.dataset}-${data.tokenizer}-${trainer.seq_len}"  # local MDS dir
-    remote: Optional[str] = None  # where shards are streamed from into `path` (dir or s3://)
+    remote: str | None = None  # where shards are streamed from into `path` (dir or s3://)
     dataset: str = "stdlib"  # corpus that `prepare-data` (or the first train run) tokenizes
-    source: Optional[str] = None  # file or directory, for corpora that read one (text, jsonl)
+    source: str | None = None  # file or directory, for corpora that read one (text, jsonl)
     tokenizer: str = "byte"
-    max_bytes: Optional[int] = None  # cap on the corpus size read (None: all of it)
+    max_bytes: int | None = None  # cap on the corpus size read (None: all of it)
     eval_fraction: float = 0.02  # share of documents held out for evaluation
     shard_size_bytes: int = 1 << 22
     shuffle: bool = True

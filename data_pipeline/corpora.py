@@ -38,7 +38,9 @@ def stdlib_corpus(source: str | None = None, max_bytes: int | None = None) -> It
 
 def _require_source(source: str | None, kind: str) -> Path:
     if not source:
-        raise UserError(f"data.dataset={kind} reads files: set data.source=PATH (file or directory)")
+        raise UserError(
+            f"data.dataset={kind} reads files: set data.source=PATH (file or directory)"
+        )
     path = Path(source)
     if not path.exists():
         raise UserError(f"data.source {source!r} does not exist; point it at a file or directory")
@@ -55,7 +57,9 @@ def _files(path: Path, suffixes: tuple[str, ...]) -> list[Path]:
 def text_corpus(source: str | None = None, max_bytes: int | None = None) -> Iterator[str]:
     """Plain-text files (a file or a directory of *.txt / *.md): one document per file."""
     path = _require_source(source, "text")
-    return _capped((p.read_text(errors="replace") for p in _files(path, (".txt", ".md"))), max_bytes)
+    return _capped(
+        (p.read_text(errors="replace") for p in _files(path, (".txt", ".md"))), max_bytes
+    )
 
 
 @DATASETS.register("jsonl")

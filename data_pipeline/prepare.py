@@ -75,11 +75,15 @@ class _Packer:
         return {"samples": self.samples, "tokens": self.tokens}
 
 
-def prepare_data(cfg: DataConfig, seq_len: int, *, overwrite: bool = False, progress: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, seq_len: int, *, overwrite: bool = False, progress: bool = True
+) -> PreparedData:
     """Tokenize ``cfg.dataset`` into MDS shards at ``cfg.path`` for samples of seq_len + 1 tokens."""
     out = Path(cfg.path)
     if out.exists() and not overwrite:
-        raise UserError(f"data.path {out} exists already; pass --overwrite or choose another data.path")
+        raise UserError(
+            f"data.path {out} exists already; pass --overwrite or choose another data.path"
+        )
     tokenizer = TOKENIZERS.get(cfg.tokenizer)()
     documents = DATASETS.get(cfg.dataset)(cfg.source, cfg.max_bytes)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -139,7 +143,11 @@ def read_manifest(path: str | Path) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{file} is corrupt ({exc}); prepare the data again with --overwrite") from None
+        raise UserError(
+            f"{file} is corrupt ({exc}); prepare the data again with --overwrite"
+        ) from None
     if manifest.get("format") != FORMAT_VERSION:
-        raise UserError(f"{file} has format {manifest.get('format')}, expected {FORMAT_VERSION}; prepare it again")
+        raise UserError(
+            f"{file} has format {manifest.get('format')}, expected {FORMAT_VERSION}; prepare it again"
+        )
     return manifest

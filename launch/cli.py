@@ -23,8 +23,12 @@ CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defa
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("args", nargs="*", metavar="[CONFIG] key=value",
-                        help="a YAML recipe (path or configs/ name) then dotlist overrides")
+    parser.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] key=value",
+        help="a YAML recipe (path or configs/ name) then dotlist overrides",
+    )
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
@@ -34,34 +38,60 @@ def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybridtron", description=MAIN_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="hybridtron",
+        description=MAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a model", description="Train a model. Resumes from the "
-                       "newest checkpoint in trainer.run_dir when there is one.")
+    p = sub.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Resumes from the "
+        "newest checkpoint in trainer.run_dir when there is one.",
+    )
     _config_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint directory")
 
-    p = sub.add_parser("eval", help="held-out loss of a checkpoint",
-                       description="Evaluate a checkpoint on the held-out split of its data.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)")
-    p.add_argument("--data", metavar="PATH", help="prepared data directory (default: the run's data.path)")
-    p.add_argument("--samples", type=int, default=256, help="held-out samples to evaluate (default 256)")
+    p = sub.add_parser(
+        "eval",
+        help="held-out loss of a checkpoint",
+        description="Evaluate a checkpoint on the held-out split of its data.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
+    )
+    p.add_argument(
+        "--data", metavar="PATH", help="prepared data directory (default: the run's data.path)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=256, help="held-out samples to evaluate (default 256)"
+    )
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint",
-                       description="Generate text from a checkpoint: greedy by default, nucleus with --top-p.")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)")
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Generate text from a checkpoint: greedy by default, nucleus with --top-p.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
+    )
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; omit for greedy")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; omit for greedy"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (top-p)")
 
-    p = sub.add_parser("prepare-data", help="tokenize a corpus into MDS shards",
-                       description="Tokenize data.dataset with data.tokenizer into MDS shards at data.path "
-                       "(samples of trainer.seq_len + 1 tokens).")
+    p = sub.add_parser(
+        "prepare-data",
+        help="tokenize a corpus into MDS shards",
+        description="Tokenize data.dataset with data.tokenizer into MDS shards at data.path "
+        "(samples of trainer.seq_len + 1 tokens).",
+    )
     _config_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace data.path if it exists")
 
@@ -84,7 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hybridtron {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"hybridtron {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        print(
+            f"hybridtron {args.command}: interrupted; completed checkpoints are kept",
+            file=sys.stderr,
+        )
         return 130
 
 
@@ -97,8 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
-        from arch import build_model, count_parameters
         import torch
+
+        from arch import build_model, count_parameters
 
         with torch.device("meta"):
             n = count_parameters(build_model(cfg.model))
@@ -119,8 +153,11 @@ def _print_summary(cfg, config: str | None, result) -> None:
     more = cfg.trainer.max_steps * 2
     lines = [
         f"Done: step {result.step}/{cfg.trainer.max_steps}, train loss {last_loss:.4f}"
-        + (f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(result.eval_loss):.2f})"
-           if result.eval_loss is not None else ""),
+        + (
+            f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(result.eval_loss):.2f})"
+            if result.eval_loss is not None
+            else ""
+        ),
         f"  run directory    {run}",
         f"  metrics          {run / 'metrics.jsonl'}",
         f"  TensorBoard      tensorboard --logdir {run / 'tb'}",
@@ -145,9 +182,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_prepared(cfg.data, cfg.trainer.seq_len, cfg.model.vocab_size)
     samples = load_eval_set(cfg.data, args.samples)
     loss = evaluate_loss(model, samples, cfg.trainer.micro_batch_size, cfg.trainer.precision)
-    print(f"checkpoint {checkpoint.path} (step {checkpoint.step}): held-out loss {loss:.4f}, "
-          f"perplexity {math.exp(loss):.2f} over {len(samples)} samples of {cfg.trainer.seq_len} tokens "
-          f"from {cfg.data.path}")
+    print(
+        f"checkpoint {checkpoint.path} (step {checkpoint.step}): held-out loss {loss:.4f}, "
+        f"perplexity {math.exp(loss):.2f} over {len(samples)} samples of {cfg.trainer.seq_len} tokens "
+        f"from {cfg.data.path}"
+    )
     return 0
 
 
@@ -169,8 +208,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise UserError("--prompt is empty; give some text to continue")
     generator = torch.Generator().manual_seed(args.seed)
-    out = generate(model, torch.tensor([prompt]), args.max_new_tokens, top_p=args.top_p,
-                   temperature=args.temperature, generator=generator, stop_token=tokenizer.eos_id)
+    out = generate(
+        model,
+        torch.tensor([prompt]),
+        args.max_new_tokens,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        generator=generator,
+        stop_token=tokenizer.eos_id,
+    )
     print(tokenizer.decode(out[0].tolist()))
     return 0
 
@@ -183,9 +229,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     prepared = prepare_data(cfg.data, cfg.trainer.seq_len, overwrite=args.overwrite)
     m = prepared.manifest
-    print(f"prepared {m['documents']} documents ({m['bytes'] / 1e6:.1f} MB) of {m['dataset']!r} with "
-          f"tokenizer {m['tokenizer']!r}: {m['splits']['train']['samples']} train and "
-          f"{m['splits']['eval']['samples']} eval samples of {m['seq_len'] + 1} tokens in {prepared.path}")
+    print(
+        f"prepared {m['documents']} documents ({m['bytes'] / 1e6:.1f} MB) of {m['dataset']!r} with "
+        f"tokenizer {m['tokenizer']!r}: {m['splits']['train']['samples']} train and "
+        f"{m['splits']['eval']['samples']} eval samples of {m['seq_len'] + 1} tokens in {prepared.path}"
+    )
     return 0
 
 

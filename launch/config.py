@@ -44,7 +44,9 @@ def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
-        return ConfigError(key, f"unknown key ({msg}); see `hybridtron train --dry-run` for every key")
+        return ConfigError(
+            key, f"unknown key ({msg}); see `hybridtron train --dry-run` for every key"
+        )
     return ConfigError(key, msg)
 
 
@@ -73,9 +75,7 @@ def load_config(config: str | None, overrides: list[str]) -> JobConfig:
 
 def validate_job_config(cfg: JobConfig) -> None:
     if cfg.launch.nproc_per_node != 1:
-        raise ConfigError(
-            "launch.nproc_per_node", "this build trains in one process; set it to 1"
-        )
+        raise ConfigError("launch.nproc_per_node", "this build trains in one process; set it to 1")
     validate_run_config(cfg, world_size=cfg.launch.nproc_per_node)
 
 

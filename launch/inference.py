@@ -23,7 +23,9 @@ def resolve_checkpoint(path: str) -> ckpt.Checkpoint:
             found = ckpt.find_latest_checkpoint(checkpoints_dir)
             assert found is not None
             return found
-    raise UserError(f"{path} holds no hybridtron checkpoint; pass a run directory or checkpoints/step_N")
+    raise UserError(
+        f"{path} holds no hybridtron checkpoint; pass a run directory or checkpoints/step_N"
+    )
 
 
 def run_config_of(checkpoint: ckpt.Checkpoint) -> RunConfig:

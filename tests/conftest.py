@@ -45,8 +45,11 @@ def tiny_config(run_dir: Path, data_path: Path, **trainer_overrides) -> RunConfi
 def tiny_data(tmp_path_factory) -> Path:
     """MDS shards of 60 kB of the stdlib corpus, samples of 33 tokens (several shards)."""
     path = tmp_path_factory.mktemp("data") / "stdlib-tiny"
-    prepare_data(DataConfig(path=str(path), max_bytes=60_000, shard_size_bytes=1 << 14),
-                 TINY_SEQ_LEN, progress=False)
+    prepare_data(
+        DataConfig(path=str(path), max_bytes=60_000, shard_size_bytes=1 << 14),
+        TINY_SEQ_LEN,
+        progress=False,
+    )
     return path
 
 

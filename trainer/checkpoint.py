@@ -90,8 +90,7 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     files = {
-        p.name: {"bytes": p.stat().st_size, "xxh64": _file_digest(p)}
-        for p in sorted(tmp.iterdir())
+        p.name: {"bytes": p.stat().st_size, "xxh64": _file_digest(p)} for p in sorted(tmp.iterdir())
     }
     manifest = {"format": FORMAT, "step": step, "files": files}
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
@@ -134,7 +133,9 @@ def verify_checkpoint(path: str | Path) -> Checkpoint:
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_file} is corrupt ({exc}); resume from another checkpoint") from None
+        raise CheckpointError(
+            f"{manifest_file} is corrupt ({exc}); resume from another checkpoint"
+        ) from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     for name, expected in manifest["files"].items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import ATTENTION, PRECONDITIONERS, RESIDUALS
@@ -43,11 +42,13 @@ class TrainerConfig:
     eval_batches: int = 8  # held-out micro-batches per evaluation
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3  # newest K checkpoints kept
-    stop_at_step: Optional[int] = None  # checkpoint and exit here; the schedule still spans max_steps
+    stop_at_step: int | None = (
+        None  # checkpoint and exit here; the schedule still spans max_steps
+    )
     resume: bool = True  # continue from the newest checkpoint in run_dir if there is one
-    resume_from: Optional[str] = None  # or from this checkpoint directory
+    resume_from: str | None = None  # or from this checkpoint directory
     progress: bool = True  # progress bar on stderr
-    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
 
 
 @dataclass
@@ -113,9 +114,13 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
         if value < 0:
             raise ConfigError(key, f"must be >= 0, got {value}")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
-        raise ConfigError("trainer.stop_at_step", f"must be in [1, max_steps={t.max_steps}], got {t.stop_at_step}")
+        raise ConfigError(
+            "trainer.stop_at_step", f"must be in [1, max_steps={t.max_steps}], got {t.stop_at_step}"
+        )
     if t.precision not in PRECISIONS:
-        raise ConfigError("trainer.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}")
+        raise ConfigError(
+            "trainer.precision", f"must be one of {'|'.join(PRECISIONS)}, got {t.precision!r}"
+        )
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -124,15 +129,22 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
     if o.warmup_steps >= t.max_steps and t.max_steps > 1:
         raise ConfigError(
-            "optim.warmup_steps", f"{o.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}"
+            "optim.warmup_steps",
+            f"{o.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}",
         )
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.zero_stage == 3 and p.pipeline > 1:
-        raise ConfigError("parallel.zero_stage", "ZeRO-3 needs parallel.pipeline=1; use stage 1 or 2 with pipelining")
+        raise ConfigError(
+            "parallel.zero_stage",
+            "ZeRO-3 needs parallel.pipeline=1; use stage 1 or 2 with pipelining",
+        )
     n_layers = len(cfg.model.layers)
     if p.pipeline > n_layers:
-        raise ConfigError("parallel.pipeline", f"{p.pipeline} stages for {n_layers} sub-layers; use at most {n_layers}")
+        raise ConfigError(
+            "parallel.pipeline",
+            f"{p.pipeline} stages for {n_layers} sub-layers; use at most {n_layers}",
+        )
     if cfg.model.n_heads % p.tensor or cfg.model.kv_heads % p.tensor:
         raise ConfigError(
             "parallel.tensor",
@@ -143,7 +155,9 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
 
 def _check_name(key: str, name: str, registry: Registry) -> None:
     if name not in registry:
-        raise ConfigError(key, f"unknown {registry.kind} {name!r}; choose one of: {', '.join(registry.names())}")
+        raise ConfigError(
+            key, f"unknown {registry.kind} {name!r}; choose one of: {', '.join(registry.names())}"
+        )
 
 
 def validate_run_config(cfg: RunConfig, world_size: int = 1) -> None:

@@ -55,9 +55,17 @@ class Trainer:
     # ---- set-up -------------------------------------------------------------------------
     def _ensure_data(self) -> dict:
         data = self.cfg.data
-        if not (Path(data.path) / MANIFEST).exists() and data.prepare_if_missing and not data.remote:
-            self.log(f"[data] preparing {data.dataset!r} with tokenizer {data.tokenizer!r} into {data.path}")
-            prepared = prepare_data(data, self.cfg.trainer.seq_len, progress=self.cfg.trainer.progress)
+        if (
+            not (Path(data.path) / MANIFEST).exists()
+            and data.prepare_if_missing
+            and not data.remote
+        ):
+            self.log(
+                f"[data] preparing {data.dataset!r} with tokenizer {data.tokenizer!r} into {data.path}"
+            )
+            prepared = prepare_data(
+                data, self.cfg.trainer.seq_len, progress=self.cfg.trainer.progress
+            )
             m = prepared.manifest
             self.log(
                 f"[data] {m['documents']} documents, {m['bytes'] / 1e6:.1f} MB -> "
@@ -83,7 +91,10 @@ class Trainer:
         theirs, ours = checkpoint.config.get("model", {}), model_config_dict(self.cfg)
         diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         if diffs:
-            detail = ", ".join(f"model.{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} now" for k in diffs)
+            detail = ", ".join(
+                f"model.{k}: {theirs.get(k)!r} in the checkpoint, {ours.get(k)!r} now"
+                for k in diffs
+            )
             raise ckpt.CheckpointError(
                 f"checkpoint {checkpoint.path} was written for another model ({detail}); "
                 f"use the same model config or another trainer.run_dir"
@@ -122,7 +133,9 @@ class Trainer:
                 f"data {manifest['splits']['train']['tokens'] / 1e6:.1f}M train tokens; "
                 f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches)"
             )
-        result = TrainResult(run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None)
+        result = TrainResult(
+            run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None
+        )
         bar = ProgressBar(t.max_steps, step, t.progress)
         batches = self._batches(loader)
         tokens_per_step = t.global_batch_size * t.seq_len
@@ -144,8 +157,16 @@ class Trainer:
                         f"(the last good checkpoint is kept in {self.checkpoints_dir})"
                     )
                 if step % t.log_every == 0 or step == 1 or step == t.max_steps:
-                    metrics.log(step, {"loss": out.loss, "lr": lr, "grad_norm": out.grad_norm,
-                                       "tokens": tokens, "tokens_per_s": tps})
+                    metrics.log(
+                        step,
+                        {
+                            "loss": out.loss,
+                            "lr": lr,
+                            "grad_norm": out.grad_norm,
+                            "tokens": tokens,
+                            "tokens_per_s": tps,
+                        },
+                    )
                     window_start, window_tokens = time.perf_counter(), 0
                 last = step == stop
                 if last or (t.eval_every and step % t.eval_every == 0):

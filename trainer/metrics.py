@@ -24,7 +24,9 @@ class MetricsLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._truncate_after(start_step)
         self._jsonl = open(self.jsonl_path, "a")
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(
+            str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None
+        )
 
     def _truncate_after(self, step: int) -> None:
         if not self.jsonl_path.exists():
@@ -69,7 +71,9 @@ class ProgressBar:
         )
 
     def update(self, loss: float, tokens_per_s: float, lr: float) -> None:
-        self.bar.set_postfix_str(f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  lr {lr:.2e}", refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  lr {lr:.2e}", refresh=False
+        )
         self.bar.update(1)
 
     def write(self, message: str) -> None:

@@ -67,10 +67,15 @@ def batch_loss(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> t
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, samples: torch.Tensor, micro_batch_size: int, precision: str) -> float:
+def evaluate_loss(
+    model: torch.nn.Module, samples: torch.Tensor, micro_batch_size: int, precision: str
+) -> float:
     """Mean loss over held-out samples [N, T + 1], in micro-batches."""
     was_training = model.training
     model.eval()
-    total = sum(batch_loss(model, chunk, precision).item() * len(chunk) for chunk in samples.split(micro_batch_size))
+    total = sum(
+        batch_loss(model, chunk, precision).item() * len(chunk)
+        for chunk in samples.split(micro_batch_size)
+    )
     model.train(was_training)
     return total / len(samples)

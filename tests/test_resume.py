@@ -1,0 +1,187 @@
+"""Checkpoints and exact resume: N steps == N/2 steps + restart + N/2 steps, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SEQ_LEN, run_cli, tiny_config
+
+from arch.registry import UserError
+from data_pipeline import DataConfig, prepare_data
+from trainer import Trainer
+from trainer import checkpoint as ckpt
+
+
+@pytest.fixture(scope="module")
+def small_epoch_data(tmp_path_factory) -> Path:
+    """~150 training samples: a 4-sample global batch crosses an epoch boundary every ~37 steps."""
+    path = tmp_path_factory.mktemp("data") / "small-epoch"
+    prepare_data(
+        DataConfig(path=str(path), max_bytes=6_000, eval_fraction=0.3, shard_size_bytes=1 << 12),
+        TINY_SEQ_LEN,
+        progress=False,
+    )
+    return path
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """Training rows of metrics.jsonl without the wall-clock field (a stopped run adds an eval)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows if "loss" in row]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.find_latest_checkpoint(run_dir / "checkpoints").model_state()
+
+
+def assert_resume_exact(
+    tmp_path: Path, data: Path, steps: int = 8, data_options=None, optim_options=None, **overrides
+) -> None:
+    def cfg(run: str, **extra):
+        c = tiny_config(tmp_path / run, data, max_steps=steps, **overrides, **extra)
+        for key, value in (data_options or {}).items():
+            setattr(c.data, key, value)
+        for key, value in (optim_options or {}).items():
+            setattr(c.optim, key, value)
+        return c
+
+    full = Trainer(cfg("full")).fit()
+    first = Trainer(cfg("split", stop_at_step=steps // 2)).fit()
+    second = Trainer(cfg("split")).fit()
+
+    assert first.step == steps // 2 and second.resumed_from is not None
+    assert second.resumed_from.name == ckpt.step_dir_name(steps // 2)
+    assert {**first.losses, **second.losses} == full.losses  # exact float equality
+    assert metric_rows(tmp_path / "split") == metric_rows(tmp_path / "full")
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical(tmp_path, tiny_data):
+    assert_resume_exact(tmp_path, tiny_data)
+
+
+def test_resume_is_bit_identical_with_accumulation_across_epochs(tmp_path, small_epoch_data):
+    # 8 samples per step over ~150 samples: the run crosses two epoch boundaries, one of them
+    # after the restart, and each step accumulates 4 micro-batches.
+    n_train = json.loads((small_epoch_data / "hybridtron_data.json").read_text())["splits"][
+        "train"
+    ]["samples"]
+    steps = 2 * (n_train // 8) + 4
+    assert_resume_exact(tmp_path, small_epoch_data, steps, global_batch_size=8)
+
+
+def test_resume_is_bit_identical_with_loader_workers_and_wsd(tmp_path, tiny_data):
+    # Worker processes prefetch ahead; the loader state must count what was consumed, not read.
+    assert_resume_exact(
+        tmp_path, tiny_data, 6, data_options={"num_workers": 1}, optim_options={"scheduler": "wsd"}
+    )
+
+
+def test_resume_bit_identical_in_bf16(tmp_path, tiny_data):
+    assert_resume_exact(tmp_path, tiny_data, 6, precision="bf16")
+
+
+def _trained_run(tmp_path: Path, data: Path, **overrides) -> Path:
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, data, max_steps=6, checkpoint_every=2, **overrides)).fit()
+    return run
+
+
+def test_retention_and_latest_pointer(tmp_path, tiny_data):
+    run = _trained_run(tmp_path, tiny_data, keep_checkpoints=2)
+    names = [p.name for p in ckpt.list_checkpoints(run / "checkpoints")]
+    assert names == ["step_00000004", "step_00000006"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    manifest = json.loads((run / "checkpoints" / "step_00000006" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "optimizer.pt",
+        "state.pt",
+        "config.yaml",
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_newest_checkpoint_is_refused_not_skipped(tmp_path, tiny_data, damage):
+    run = _trained_run(tmp_path, tiny_data)
+    model_file = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    data = model_file.read_bytes()
+    if damage == "truncate":
+        model_file.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        model_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        model_file.unlink()
+    cfg = tiny_config(run, tiny_data, max_steps=10, checkpoint_every=2)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        Trainer(cfg).fit()
+    message = str(err.value)
+    assert "step_00000006" in message and "trainer.resume_from" in message
+    assert "step_00000004" in message  # names the fallback
+    # Nothing already written is lost, and the damaged one is left for the user to inspect.
+    assert (run / "checkpoints" / "step_00000004" / "manifest.json").exists()
+    assert (run / "checkpoints" / "step_00000006").exists()
+    # The user's way out: resume from the older one, explicitly.
+    cfg.trainer.resume_from = str(run / "checkpoints" / "step_00000004")
+    result = Trainer(cfg).fit()
+    assert result.resumed_from.name == "step_00000004" and result.step == 10
+
+
+def test_foreign_and_mismatched_checkpoints_are_refused(tmp_path, tiny_data):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weight": torch.zeros(2)}, foreign / "pytorch_model.bin")
+    cfg = tiny_config(tmp_path / "new", tiny_data, resume_from=str(foreign))
+    with pytest.raises(ckpt.CheckpointError, match="not a complete hybridtron checkpoint"):
+        Trainer(cfg).fit()
+
+    run = _trained_run(tmp_path, tiny_data)
+    other = tiny_config(run, tiny_data, max_steps=10)
+    other.model.d_model = 64
+    with pytest.raises(ckpt.CheckpointError, match=r"model\.d_model: 32 in the checkpoint, 64 now"):
+        Trainer(other).fit()
+
+
+def test_crash_leftovers(tmp_path, tiny_data):
+    run = _trained_run(tmp_path, tiny_data)
+    checkpoints = run / "checkpoints"
+    # A crash while writing step 8 leaves step_00000008.tmp: never treated as a checkpoint.
+    shutil.copytree(checkpoints / "step_00000006", checkpoints / "step_00000008.tmp")
+    (checkpoints / "step_00000008.tmp" / "manifest.json").unlink()
+    # A crash between the rename and the pointer leaves a complete step dir newer than `latest`.
+    (checkpoints / "latest").write_text("step_00000004\n")
+    found = ckpt.find_latest_checkpoint(checkpoints)
+    assert found.step == 6
+    result = Trainer(tiny_config(run, tiny_data, max_steps=8, checkpoint_every=2)).fit()
+    assert result.resumed_from.name == "step_00000006"
+    assert not (checkpoints / "step_00000008.tmp").exists()
+    assert (checkpoints / "latest").read_text().strip() == "step_00000008"
+
+
+def test_resume_disabled_with_existing_checkpoints_refuses(tmp_path, tiny_data):
+    run = _trained_run(tmp_path, tiny_data)
+    with pytest.raises(UserError, match="trainer.resume=false"):
+        Trainer(tiny_config(run, tiny_data, max_steps=8, resume=False)).fit()
+
+
+def test_cli_reports_corrupt_resume_in_one_line(tmp_path, tiny_data):
+    run = _trained_run(tmp_path, tiny_data)
+    (run / "checkpoints" / "step_00000006" / "state.pt").write_bytes(b"garbage")
+    proc = run_cli(
+        "train",
+        f"trainer.run_dir={run}",
+        f"data.path={tiny_data}",
+        f"trainer.seq_len={TINY_SEQ_LEN}",
+        "trainer.progress=false",
+        "--resume-from",
+        str(run / "checkpoints" / "step_00000006"),
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "state.pt" in lines[0] and "step_00000006" in lines[0]
