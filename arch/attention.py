@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,20 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
     )
+
+
+@ATTENTION.register("eager")
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: AttentionConfig
+) -> torch.Tensor:
+    """Reference causal attention written out (materialises T x T scores; for checks)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    t = q.shape[-2]
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 @MIXERS.register("attention")
