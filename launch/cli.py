@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from arch.registry import UserError
 
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: tells a scheduler the job did not finish
+
 MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimizer-inspired LMs.
 
   hybridtron train [CONFIG] [key=value ...]      train (resumes from the newest checkpoint)
@@ -142,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = Trainer(cfg).fit()
     _print_summary(cfg, config, result)
-    return 0
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
 def _print_summary(cfg, config: str | None, result) -> None:
@@ -151,8 +153,9 @@ def _print_summary(cfg, config: str | None, result) -> None:
     last_loss = result.losses[max(result.losses)] if result.losses else float("nan")
     recipe = f"{shlex.quote(config)} " if config else ""
     more = cfg.trainer.max_steps * 2
+    head = "Pre-empted" if result.preempted else "Done"
     lines = [
-        f"Done: step {result.step}/{cfg.trainer.max_steps}, train loss {last_loss:.4f}"
+        f"{head}: step {result.step}/{cfg.trainer.max_steps}, train loss {last_loss:.4f}"
         + (
             f", held-out loss {result.eval_loss:.4f} (perplexity {math.exp(result.eval_loss):.2f})"
             if result.eval_loss is not None

@@ -60,10 +60,7 @@ def load_config(config: str | None, overrides: list[str]) -> JobConfig:
                 layers.append(OmegaConf.load(path))
             except yaml.YAMLError as exc:
                 raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        for item in overrides:
-            if "=" not in item:
-                raise UserError(f"override {item!r} is not key=value (e.g. trainer.max_steps=100)")
-        layers.append(OmegaConf.from_dotlist(overrides))
+        layers.append(parse_overrides(overrides))
         merged = OmegaConf.merge(*layers)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -71,6 +68,24 @@ def load_config(config: str | None, overrides: list[str]) -> JobConfig:
     assert isinstance(cfg, JobConfig)
     validate_job_config(cfg)
     return cfg
+
+
+def parse_overrides(overrides: list[str]):
+    """``key=value`` items as a config; values are YAML, or plain strings where YAML fails.
+
+    A pattern such as ``model.pattern=*-*-`` is not valid YAML (``*`` starts an alias), but its
+    meaning is obvious, so it is taken as the string it is.
+    """
+    conf = OmegaConf.create()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value (e.g. trainer.max_steps=100)")
+        try:
+            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError:
+            OmegaConf.update(conf, key, value, force_add=True)
+    return conf
 
 
 def validate_job_config(cfg: JobConfig) -> None:

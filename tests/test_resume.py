@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SEQ_LEN, run_cli, tiny_config
+from conftest import REPO, TINY_SEQ_LEN, run_cli, tiny_config
 
 from arch.registry import UserError
 from data_pipeline import DataConfig, prepare_data
@@ -185,3 +189,41 @@ def test_cli_reports_corrupt_resume_in_one_line(tmp_path, tiny_data):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert "state.pt" in lines[0] and "step_00000006" in lines[0]
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_data):
+    """A pre-empted job (SIGTERM) checkpoints the step it is in, exits 143, and resumes exactly."""
+    run = tmp_path / "preempted"
+    steps = 5000  # far more than it will run: the signal stops it
+    args = [
+        sys.executable, "-m", "launch.cli", "train", f"trainer.run_dir={run}",
+        f"data.path={tiny_data}", f"trainer.seq_len={TINY_SEQ_LEN}", "trainer.progress=false",
+        f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.eval_every=0",
+        "trainer.checkpoint_every=0", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+        "model.pattern=*-*-", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+        "optim.warmup_steps=2", "data.max_bytes=60000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 3
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "[preempted] SIGTERM" in err and "Pre-empted: step" in out
+    stopped = ckpt.find_latest_checkpoint(run / "checkpoints")
+    assert stopped is not None and 3 <= stopped.step < steps
+
+    # Resume for a few more steps and compare with one uninterrupted run of the same length.
+    until = stopped.step + 3
+    resumed = run_cli(*args[3:], f"trainer.stop_at_step={until}")
+    assert resumed.returncode == 0, resumed.stderr
+    reference = tiny_config(tmp_path / "reference", tiny_data, max_steps=steps, stop_at_step=until)
+    reference.data.max_bytes = 60_000
+    Trainer(reference).fit()
+    assert metric_rows(run) == metric_rows(tmp_path / "reference")

@@ -7,6 +7,8 @@ position; so N steps equal N/2 steps + resume + N/2 steps, bit for bit (fp32, sa
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,6 +44,33 @@ class TrainResult:
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
+    preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after checkpointing
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM / SIGUSR1 (what schedulers send before killing a job) into a flag.
+
+    The loop finishes the step it is in, writes a checkpoint and stops, so a pre-empted job loses
+    at most one step and resumes exactly. Only the main thread can install handlers.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -141,6 +170,7 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_len
         window_start, window_tokens = time.perf_counter(), 0
         stop = t.stop_at_step or t.max_steps
+        preemption = PreemptionWatcher()
         try:
             while step < stop:
                 lr = lr_at(step, t.max_steps, cfg.optim)
@@ -156,7 +186,7 @@ class Trainer:
                         f"loss is {out.loss} at step {step}; lower optim.lr or use trainer.precision=fp32 "
                         f"(the last good checkpoint is kept in {self.checkpoints_dir})"
                     )
-                if step % t.log_every == 0 or step == 1 or step == t.max_steps:
+                if step % t.log_every == 0 or step == 1 or step == stop:
                     metrics.log(
                         step,
                         {
@@ -173,9 +203,21 @@ class Trainer:
                     result.eval_loss = module.eval_loss(eval_set, t.micro_batch_size)
                     metrics.log(step, {"eval/loss": result.eval_loss})
                     bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
-                if last or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                if (
+                    last
+                    or preemption.requested
+                    or (t.checkpoint_every and step % t.checkpoint_every == 0)
+                ):
                     result.last_checkpoint = self._save(module, loader, step, tokens)
+                if preemption.requested and not last:
+                    result.preempted = True
+                    bar.write(
+                        f"[preempted] {preemption.signal_name} at step {step}: checkpoint "
+                        f"{result.last_checkpoint}; run the same command again to resume"
+                    )
+                    break
         finally:
+            preemption.restore()
             bar.close()
             metrics.close()
         result.step = step
