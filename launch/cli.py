@@ -164,6 +164,7 @@ def _print_summary(cfg, config: str | None, result) -> None:
         f"  run directory    {run}",
         f"  metrics          {run / 'metrics.jsonl'}",
         f"  TensorBoard      tensorboard --logdir {run / 'tb'}",
+        f"  loss plot        {result.plot}",
         f"  checkpoint       {ckpt}",
         f"  resume           hybridtron train {recipe}trainer.run_dir={run}   (picks up the newest checkpoint)",
         f"  continue longer  hybridtron train {recipe}trainer.run_dir={run} trainer.max_steps={more}",

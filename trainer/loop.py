@@ -23,6 +23,7 @@ from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.metrics import MetricsLogger, ProgressBar
+from trainer.plot import plot_losses
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.schedules import lr_at
 from trainer.train_module import TrainModule
@@ -44,6 +45,7 @@ class TrainResult:
     eval_loss: float | None = None
     last_checkpoint: Path | None = None
     resumed_from: Path | None = None
+    plot: Path | None = None  # loss.svg
     preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after checkpointing
 
 
@@ -220,6 +222,7 @@ class Trainer:
             preemption.restore()
             bar.close()
             metrics.close()
+        result.plot = plot_losses(self.run_dir)
         result.step = step
         return result
 
