@@ -63,7 +63,7 @@ class ModelConfig:
     # Derived values (never stored in the config, always computed the same way).
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +76,7 @@ class ModelConfig:
 
     @property
     def ffn_hidden_size(self) -> int:
-        if self.ffn_hidden:
+        if self.ffn_hidden is not None:
             return self.ffn_hidden
         hidden = int(8 * self.d_model / 3)
         m = self.ffn_multiple_of
@@ -111,14 +111,26 @@ def _kind_of_plugin(plugin: str) -> str:
 
 def validate_model_config(cfg: ModelConfig) -> None:
     """Raise ConfigError naming the first key whose value cannot build a model."""
-    for key in ("d_model", "n_heads", "vocab_size", "vocab_pad_multiple", "ffn_multiple_of"):
+    for key in (
+        "d_model",
+        "n_heads",
+        "vocab_size",
+        "vocab_pad_multiple",
+        "ffn_multiple_of",
+        "norm_eps",
+        "init_std",
+    ):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"model.{key}", f"must be positive, got {getattr(cfg, key)}")
+    for key in ("n_kv_heads", "ffn_hidden"):
+        value = getattr(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"model.{key}", f"must be positive or null (derived), got {value}")
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(
             "model.n_heads", f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}"
         )
-    if cfg.kv_heads <= 0 or cfg.n_heads % cfg.kv_heads:
+    if cfg.n_heads % cfg.kv_heads:
         raise ConfigError(
             "model.n_kv_heads",
             f"n_heads={cfg.n_heads} must be a multiple of n_kv_heads={cfg.n_kv_heads}",
@@ -129,13 +141,26 @@ def validate_model_config(cfg: ModelConfig) -> None:
         )
     if not cfg.layers:
         raise ConfigError("model.pattern", "is empty; give at least one symbol, e.g. '*-'")
+    from arch.layers_registry import FFNS, MIXERS  # late: the registries import this module
+
     table = cfg.symbol_table()
     for i, symbol in enumerate(cfg.pattern):
-        if symbol != STAGE_SEPARATOR and symbol not in table:
+        if symbol == STAGE_SEPARATOR:
+            continue
+        if symbol not in table:
             raise ConfigError(
                 "model.pattern",
                 f"unknown symbol {symbol!r} at position {i}; known: {''.join(sorted(table))} "
                 f"(add one with model.symbols)",
+            )
+        kind, plugin = table[symbol]
+        registry = MIXERS if kind == "mixer" else FFNS
+        if plugin not in registry:
+            raise ConfigError(
+                "model.pattern",
+                f"symbol {symbol!r} stands for the {kind} {plugin!r}, which is not registered "
+                f"(registered {kind}s: {', '.join(registry.names())}); re-point it with "
+                f"model.symbols or install the plugin",
             )
     stages = cfg.pattern.split(STAGE_SEPARATOR)
     if any(not stage for stage in stages):

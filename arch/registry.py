@@ -37,6 +37,12 @@ class UserError(Exception):
     exit_code = 1
 
 
+class UsageError(UserError):
+    """A command line or config file that cannot be read (missing file, malformed override)."""
+
+    exit_code = 2
+
+
 class ConfigError(UserError):
     """A config key that is unknown, of the wrong type, or has an impossible value."""
 
@@ -117,7 +123,7 @@ class Registry(Generic[T]):
         """Import every plugin that installed packages declare for this kind (once)."""
         if self._entry_points_loaded:
             return
-        self._entry_points_loaded = True
+        # Marked loaded only when every plugin imported: a broken one is reported on each lookup.
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             try:
                 obj = ep.load()
@@ -130,6 +136,7 @@ class Registry(Generic[T]):
             # it with the decorator on import; only the first case needs adding here.
             if not isinstance(obj, type(importlib)) and ep.name not in self._items:
                 self.add(ep.name, obj)
+        self._entry_points_loaded = True
 
     @staticmethod
     def doc_line(obj: object) -> str:

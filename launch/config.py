@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from arch.registry import ConfigError, UserError
+from arch.registry import ConfigError, UsageError
 from trainer.config import RunConfig, validate_run_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -37,11 +37,11 @@ def resolve_config_path(name: str) -> Path:
     if recipe.exists():
         return recipe
     known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise UserError(f"config file {name!r} not found; give a YAML path or a recipe name ({known})")
+    raise UsageError(f"config file {name!r} not found; give a YAML path or a recipe name ({known})")
 
 
-def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+def _omegaconf_error(exc: OmegaConfBaseException, key: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or key
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
     if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
         return ConfigError(
@@ -50,42 +50,61 @@ def _omegaconf_error(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, msg)
 
 
-def load_config(config: str | None, overrides: list[str]) -> JobConfig:
-    """The validated job config from an optional YAML recipe and dotlist overrides."""
-    layers = [OmegaConf.structured(JobConfig)]
+def _merge(base: DictConfig, layer: DictConfig, key: str) -> DictConfig:
+    """Merge one section or one override, so that an error can name the key it came from."""
     try:
-        if config:
-            path = resolve_config_path(config)
-            try:
-                layers.append(OmegaConf.load(path))
-            except yaml.YAMLError as exc:
-                raise UserError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        layers.append(parse_overrides(overrides))
-        merged = OmegaConf.merge(*layers)
-        cfg = OmegaConf.to_object(merged)
+        merged = OmegaConf.merge(base, layer)
     except OmegaConfBaseException as exc:
-        raise _omegaconf_error(exc) from None
-    assert isinstance(cfg, JobConfig)
-    validate_job_config(cfg)
-    return cfg
+        raise _omegaconf_error(exc, key) from None
+    assert isinstance(merged, DictConfig)
+    return merged
 
 
-def parse_overrides(overrides: list[str]):
-    """``key=value`` items as a config; values are YAML, or plain strings where YAML fails.
+def _load_recipe(config: str) -> DictConfig:
+    path = resolve_config_path(config)
+    try:
+        recipe = OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(recipe, DictConfig):
+        raise UsageError(f"{path} must be a YAML mapping of config groups (model:, trainer:, ...)")
+    return recipe
+
+
+def parse_override(item: str) -> tuple[str, DictConfig]:
+    """``key=value`` as (key, config); the value is YAML, or a plain string where YAML fails.
 
     A pattern such as ``model.pattern=*-*-`` is not valid YAML (``*`` starts an alias), but its
     meaning is obvious, so it is taken as the string it is.
     """
-    conf = OmegaConf.create()
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UsageError(f"override {item!r} is not key=value (e.g. trainer.max_steps=100)")
+    try:
+        return key, OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        conf = OmegaConf.create()
+        OmegaConf.update(conf, key, value, force_add=True)
+        return key, conf
+
+
+def load_config(config: str | None, overrides: list[str]) -> JobConfig:
+    """The validated job config from an optional YAML recipe and dotlist overrides."""
+    cfg = OmegaConf.structured(JobConfig)
+    if config:
+        recipe = _load_recipe(config)
+        for section in recipe:
+            cfg = _merge(cfg, OmegaConf.create({section: recipe[section]}), str(section))
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not key=value (e.g. trainer.max_steps=100)")
-        try:
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist([item]))
-        except yaml.YAMLError:
-            OmegaConf.update(conf, key, value, force_add=True)
-    return conf
+        key, layer = parse_override(item)
+        cfg = _merge(cfg, layer, key)
+    try:
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(exc, "?") from None
+    assert isinstance(job, JobConfig)
+    validate_job_config(job)
+    return job
 
 
 def validate_job_config(cfg: JobConfig) -> None:

@@ -111,6 +111,8 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
     }.items():
         if value < 0:
             raise ConfigError(key, f"must be >= 0, got {value}")
+    if t.threads is not None and t.threads <= 0:
+        raise ConfigError("trainer.threads", f"must be positive or null, got {t.threads}")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:
         raise ConfigError(
             "trainer.stop_at_step", f"must be in [1, max_steps={t.max_steps}], got {t.stop_at_step}"
