@@ -398,8 +398,9 @@ def test_dry_run_prints_the_resolved_config_and_parameter_count(cli_runs):
 
 
 def test_pattern_symbol_without_a_registered_plugin_is_a_config_error():
-    # 'M' (mamba) is in the default symbol table but no mixer is registered under that name:
-    # load_config accepts it, and `train` fails with a RegistryError only after preparing data.
+    # A symbol of the table whose plugin is not registered must fail at validation, before any
+    # data is prepared, not later when the model is built.
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["model.pattern=M-"])
-    assert err.value.key in ("model.pattern", "model.symbols")
+        load_config(None, ["model.pattern=*-", "model.symbols={-: no_such_ffn}"])
+    assert err.value.key == "model.pattern"
+    assert "no_such_ffn" in str(err.value)
