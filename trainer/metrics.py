@@ -67,6 +67,8 @@ class ProgressBar:
             dynamic_ncols=True,
             disable=not enabled,
             file=sys.stderr,
+            # In a log file (CI, a cluster job) every refresh is a line: refresh rarely there.
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
             bar_format="{desc} {n_fmt}/{total_fmt} |{bar}| {elapsed}<{remaining} {postfix}",
         )
 
