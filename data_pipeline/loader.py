@@ -8,6 +8,7 @@ import torch
 
 from arch.registry import UserError
 from data_pipeline.config import DataConfig
+from data_pipeline.integrity import verify_split
 from data_pipeline.prepare import read_manifest
 from data_pipeline.streaming_compat import StreamingDataLoader, StreamingDataset
 
@@ -38,6 +39,8 @@ def check_prepared(cfg: DataConfig, seq_len: int, vocab_size: int) -> dict:
 def _dataset(cfg: DataConfig, split: str, batch_size: int, shuffle: bool) -> TokenDataset:
     local = Path(cfg.path) / split
     remote = f"{cfg.remote.rstrip('/')}/{split}" if cfg.remote else None
+    if remote is None:
+        verify_split(local)
     try:
         return TokenDataset(
             local=str(local),

@@ -155,7 +155,9 @@ def test_without_rope_one_layer_sees_its_prefix_as_a_bag_of_tokens():
         cfg.attention.rope = rope
         model = build_model(cfg, seed=2)
         ids = random_ids(cfg, 1, 10)
-        perm = torch.cat([torch.randperm(9, generator=torch.Generator().manual_seed(0)), torch.tensor([9])])
+        perm = torch.cat(
+            [torch.randperm(9, generator=torch.Generator().manual_seed(0)), torch.tensor([9])]
+        )
         assert not torch.equal(ids[:, perm], ids)
         logits[rope] = model(ids)[:, -1], model(ids[:, perm])[:, -1]
     torch.testing.assert_close(logits[False][0], logits[False][1], rtol=0, atol=1e-5)
@@ -367,7 +369,9 @@ def test_generation_stops_at_the_stop_token(gen_model):
 def test_tiny_top_p_is_greedy(gen_model):
     prompt = random_ids(gen_model.cfg, 2, 4)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(generate(gen_model, prompt, 6, top_p=1e-6, generator=g), generate(gen_model, prompt, 6))
+    assert torch.equal(
+        generate(gen_model, prompt, 6, top_p=1e-6, generator=g), generate(gen_model, prompt, 6)
+    )
 
 
 def test_same_generator_seed_same_samples(gen_model):
@@ -408,7 +412,9 @@ def test_top_p_renormalises_inside_the_nucleus():
 
 def test_top_p_keeps_only_the_top_token_when_it_reaches_p():
     probs = torch.tensor([0.05, 0.9, 0.05])
-    samples = sample_top_p(probs.log().expand(100, 3).clone(), 0.85, torch.Generator().manual_seed(0))
+    samples = sample_top_p(
+        probs.log().expand(100, 3).clone(), 0.85, torch.Generator().manual_seed(0)
+    )
     assert set(samples.flatten().tolist()) == {1}
 
 

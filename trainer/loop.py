@@ -230,9 +230,19 @@ class Trainer:
         """Micro-batches forever: a new epoch starts when the shards run out."""
         while True:
             produced = False
-            for batch in loader:
-                produced = True
-                yield batch
+            try:
+                for batch in loader:
+                    produced = True
+                    yield batch
+            except (
+                RuntimeError,
+                ValueError,
+                OSError,
+            ) as exc:  # raised by streaming's reader threads
+                raise UserError(
+                    f"reading the training shards in {self.cfg.data.path} failed ({exc}); check the "
+                    f"files or prepare the data again (hybridtron prepare-data --overwrite)"
+                ) from exc
             if not produced:
                 raise UserError(
                     f"the training split of {self.cfg.data.path} yields no batch of "
