@@ -243,7 +243,7 @@ def test_residual_output_projections_are_initialised_smaller():
     )
     model = build_model(cfg, seed=0)
     n_sublayers = len(cfg.layers)
-    out_std = cfg.init_std / math.sqrt(2 * n_sublayers)  # docstring: "scaled by 1/sqrt(2 L)"
+    out_std = cfg.init_std / math.sqrt(n_sublayers)  # one residual addition per sub-layer
     seen = set()
     for name, p in model.named_parameters():
         role = name.split(".")[-2]

@@ -197,6 +197,7 @@ class Trainer:
                             "grad_norm": out.grad_norm,
                             "tokens": tokens,
                             "tokens_per_s": tps,
+                            **out.metrics,  # e.g. MoE aux losses and expert loads
                         },
                     )
                     window_start, window_tokens = time.perf_counter(), 0
@@ -234,11 +235,8 @@ class Trainer:
                 for batch in loader:
                     produced = True
                     yield batch
-            except (
-                RuntimeError,
-                ValueError,
-                OSError,
-            ) as exc:  # raised by streaming's reader threads
+            # What mosaicml-streaming's reader threads raise when a shard cannot be read.
+            except (RuntimeError, ValueError, OSError) as exc:
                 raise UserError(
                     f"reading the training shards in {self.cfg.data.path} failed ({exc}); check the "
                     f"files or prepare the data again (hybridtron prepare-data --overwrite)"
