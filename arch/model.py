@@ -52,9 +52,13 @@ class HybridLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2 L)."""
+        """N(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(N).
+
+        N is the number of residual additions (sub-layers): GPT-2's rule, which Megatron writes
+        as 1/sqrt(2 L) for L blocks of two sub-layers each.
+        """
         std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * len(self.layers))
+        out_std = std / math.sqrt(len(self.layers))
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = any(f".{role}" in f".{name}" for role in RESIDUAL_OUT_ROLES)
