@@ -227,3 +227,15 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_data):
     reference.data.max_bytes = 60_000
     Trainer(reference).fit()
     assert metric_rows(run) == metric_rows(tmp_path / "reference")
+
+
+def test_restart_without_a_complete_checkpoint_says_so(tmp_path, tiny_data):
+    # A run that died before its first checkpoint finished: metrics exist, only a .tmp dir.
+    run = tmp_path / "run"
+    Trainer(tiny_config(run, tiny_data, max_steps=2)).fit()
+    checkpoints = run / "checkpoints"
+    (checkpoints / "step_00000002").rename(checkpoints / "step_00000002.tmp")
+    messages: list[str] = []
+    result = Trainer(tiny_config(run, tiny_data, max_steps=2), log=messages.append).fit()
+    assert result.resumed_from is None
+    assert any("no complete checkpoint" in m and "starting from step 0" in m for m in messages)

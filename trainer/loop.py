@@ -110,7 +110,14 @@ class Trainer:
         if t.resume_from:
             return ckpt.verify_checkpoint(t.resume_from)
         if t.resume:
-            return ckpt.find_latest_checkpoint(self.checkpoints_dir)
+            found = ckpt.find_latest_checkpoint(self.checkpoints_dir)
+            if found is None and (self.run_dir / "metrics.jsonl").exists():
+                # Never restart over an earlier run without saying so.
+                self.log(
+                    f"[resume] {self.run_dir} has metrics but no complete checkpoint "
+                    f"(interrupted writes are ignored): starting from step 0"
+                )
+            return found
         if ckpt.list_checkpoints(self.checkpoints_dir):
             raise UserError(
                 f"{self.checkpoints_dir} holds checkpoints but trainer.resume=false; use a new "
