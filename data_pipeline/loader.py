@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 
 import torch
 
 from arch.registry import UserError
-from data_pipeline.config import DataConfig
+from data_pipeline import shm
+from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.integrity import verify_split
-from data_pipeline.prepare import read_manifest
-from data_pipeline.streaming_compat import StreamingDataLoader, StreamingDataset
+from data_pipeline.prepare import MANIFEST, read_manifest
+from data_pipeline.remote import fetch_file
+from data_pipeline.streaming_compat import Stream, StreamingDataLoader, StreamingDataset
+from data_pipeline.tokenizers import TOKENIZER_FILE, load_tokenizer
 
 
 class TokenDataset(StreamingDataset):
@@ -20,39 +25,90 @@ class TokenDataset(StreamingDataset):
         return torch.from_numpy(super().__getitem__(index)["tokens"].astype("int64"))
 
 
+def data_tokenizer(cfg: DataConfig):
+    """The run's tokenizer: from data.tokenizer_path, else the copy saved with the data."""
+    return load_tokenizer(cfg.tokenizer, cfg.tokenizer_path or cfg.resolved_sources()[0].path)
+
+
 def check_prepared(cfg: DataConfig, seq_len: int, vocab_size: int) -> dict:
-    """The manifest of cfg.path, after checking that it fits this run."""
-    manifest = read_manifest(cfg.path)
+    """The manifest of the run's data (every source of a mixture), checked against this run."""
+    manifests = [
+        _check_source(cfg, source, seq_len, vocab_size) for source in cfg.resolved_sources()
+    ]
+    manifest = dict(manifests[0])
+    if len(manifests) > 1:  # the mixture's totals, for the start-up summary
+        manifest["splits"] = {
+            split: {k: sum(m["splits"][split][k] for m in manifests) for k in ("samples", "tokens")}
+            for split in ("train", "eval")
+        }
+    return manifest
+
+
+def _check_source(cfg: DataConfig, source: SourceConfig, seq_len: int, vocab_size: int) -> dict:
+    if source.remote:
+        fetch_file(source.remote, MANIFEST, Path(source.path), required=True)
+        fetch_file(source.remote, TOKENIZER_FILE, Path(source.path), required=False)
+    manifest = read_manifest(source.path)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path or source.path)
+    if manifest["tokenizer"] != cfg.tokenizer or (
+        "fingerprint" in manifest
+        and manifest["fingerprint"]["tokenizer"] != tokenizer.fingerprint()
+    ):
+        raise UserError(
+            f"data at {source.path} was tokenized with {manifest['tokenizer']!r} "
+            f"({manifest.get('fingerprint', {}).get('tokenizer')}), not with the run's "
+            f"data.tokenizer={cfg.tokenizer!r} (data.tokenizer_path={cfg.tokenizer_path}); "
+            f"use the same tokenizer or prepare the data again"
+        )
     if manifest["seq_len"] != seq_len:
         raise UserError(
-            f"data at {cfg.path} was prepared for seq_len {manifest['seq_len']}, the run uses "
+            f"data at {source.path} was prepared for seq_len {manifest['seq_len']}, the run uses "
             f"trainer.seq_len={seq_len}; set data.path to a new directory (it is prepared on first use)"
         )
     if manifest["vocab_size"] > vocab_size:
         raise UserError(
-            f"data at {cfg.path} uses tokenizer {manifest['tokenizer']!r} with "
+            f"data at {source.path} uses tokenizer {manifest['tokenizer']!r} with "
             f"{manifest['vocab_size']} tokens but model.vocab_size={vocab_size}; raise model.vocab_size"
         )
     return manifest
 
 
 def _dataset(cfg: DataConfig, split: str, batch_size: int, shuffle: bool) -> TokenDataset:
-    local = Path(cfg.path) / split
-    remote = f"{cfg.remote.rstrip('/')}/{split}" if cfg.remote else None
-    if remote is None:
-        verify_split(local)
+    sources = cfg.resolved_sources()
+    total = sum(s.weight for s in sources)
+    streams = []
+    for source in sources:
+        local = Path(source.path) / split
+        remote = f"{source.remote.rstrip('/')}/{split}" if source.remote else None
+        if remote is None:
+            verify_split(local)
+        proportion = source.weight / total if len(sources) > 1 else None
+        streams.append(Stream(local=str(local), remote=remote, proportion=proportion))
+    shm.clean_stale()
     try:
-        return TokenDataset(
-            local=str(local),
-            remote=remote,
-            split=None,
-            shuffle=shuffle,
-            shuffle_seed=cfg.shuffle_seed,
-            batch_size=batch_size,
-            validate_hash="xxh64",
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise UserError(f"cannot open the {split} shards in {local}: {exc}") from None
+        for attempt in range(5):
+            try:
+                dataset = TokenDataset(
+                    streams=streams,
+                    shuffle=shuffle,
+                    shuffle_seed=cfg.shuffle_seed,
+                    batch_size=batch_size,
+                    # With several sources every batch is split among them by weight.
+                    batching_method="stratified" if len(sources) > 1 else "random",
+                    validate_hash="xxh64",
+                    cache_limit=cfg.cache_limit,
+                )
+                break
+            except FileExistsError:
+                # Two processes starting at once can pick the same free shared-memory prefix;
+                # the loser retries after a short random wait.
+                if attempt == 4:
+                    raise
+                time.sleep(random.uniform(0.05, 0.5))
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
+        where = ", ".join(s.path for s in sources)
+        raise UserError(f"cannot open the {split} shards in {where}: {exc}") from None
+    return dataset
 
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int) -> StreamingDataLoader:
@@ -67,8 +123,23 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int) -> StreamingDataL
     )
 
 
+def release_loader(loader: StreamingDataLoader) -> None:
+    """Free the loader's shared memory now (see `data_pipeline.shm.release`)."""
+    shm.release(loader.dataset)
+
+
 def load_eval_set(cfg: DataConfig, max_samples: int) -> torch.Tensor:
-    """The first max_samples held-out samples, [N, seq_len + 1], the same in every run."""
-    dataset = _dataset(cfg, "eval", 1, shuffle=False)
-    n = min(max_samples, dataset.num_samples)
-    return torch.stack([dataset[i] for i in range(n)])
+    """Up to max_samples held-out samples [N, seq_len + 1], the same in every run.
+
+    A mixture contributes from each source in proportion to its weight.
+    """
+    sources = cfg.resolved_sources()
+    total = sum(s.weight for s in sources)
+    chunks = []
+    for source in sources:
+        single = DataConfig(path=source.path, remote=source.remote, shuffle_seed=cfg.shuffle_seed)
+        dataset = _dataset(single, "eval", 1, shuffle=False)
+        n = min(max(1, round(max_samples * source.weight / total)), dataset.num_samples)
+        chunks += [dataset[i] for i in range(n)]
+        shm.release(dataset)
+    return torch.stack(chunks)

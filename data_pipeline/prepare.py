@@ -10,18 +10,23 @@ and ``hybridtron_data.json`` (the manifest) says what it holds.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from arch.registry import UserError
 from data_pipeline.config import DataConfig
-from data_pipeline.registries import DATASETS, TOKENIZERS
+from data_pipeline.registries import DATASETS
+from data_pipeline.sources import IngestReport
 from data_pipeline.streaming_compat import MDSWriter
+from data_pipeline.tokenizers import load_tokenizer
 
 MANIFEST = "hybridtron_data.json"
 FORMAT_VERSION = 1
@@ -33,6 +38,7 @@ _GOLDEN = 0.6180339887498949
 class PreparedData:
     path: Path
     manifest: dict
+    up_to_date: bool = False  # the directory already held exactly this data
 
     def samples(self, split: str) -> int:
         return self.manifest["splits"][split]["samples"]
@@ -75,17 +81,88 @@ class _Packer:
         return {"samples": self.samples, "tokens": self.tokens}
 
 
+_worker_tokenizer = None
+
+
+def _init_worker(name: str, path: str | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(name, path)
+
+
+def _encode_batch(texts: list[str]) -> list[tuple[int, list[int]]]:
+    """(characters, token ids) per text: workers send back sizes, not the texts themselves."""
+    tok = _worker_tokenizer
+    ids = (
+        tok.encode_batch(texts) if hasattr(tok, "encode_batch") else [tok.encode(t) for t in texts]
+    )
+    return [(len(t), i) for t, i in zip(texts, ids, strict=True)]
+
+
+def _batched(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_documents(
+    docs: Iterator[str], cfg: DataConfig, workers: int
+) -> Iterator[tuple[int, list[int]]]:
+    """(characters, token ids) for every document, in input order, over ``workers`` processes.
+
+    ``imap`` keeps the input order, so the shards are identical for any number of workers.
+    """
+    batches = _batched(docs, 32)
+    if workers == 1:
+        _init_worker(cfg.tokenizer, cfg.tokenizer_path)
+        for texts in batches:
+            yield from _encode_batch(texts)
+        return
+    ctx = multiprocessing.get_context("fork")
+    init = (cfg.tokenizer, cfg.tokenizer_path)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
+        for encoded in pool.imap(_encode_batch, batches, chunksize=4):
+            yield from encoded
+
+
+def data_fingerprint(cfg: DataConfig, seq_len: int, tokenizer) -> dict:
+    """Everything that decides the shards' content: same fingerprint, same data."""
+    return {
+        "dataset": cfg.dataset,
+        "corpus": DATASETS.get(cfg.dataset)().fingerprint(cfg),
+        "tokenizer": tokenizer.fingerprint(),
+        "seq_len": seq_len,
+        "eval_fraction": cfg.eval_fraction,
+        "max_bytes": cfg.max_bytes,
+        "skip_bad": cfg.skip_bad,
+    }
+
+
 def prepare_data(
     cfg: DataConfig, seq_len: int, *, overwrite: bool = False, progress: bool = True
 ) -> PreparedData:
-    """Tokenize ``cfg.dataset`` into MDS shards at ``cfg.path`` for samples of seq_len + 1 tokens."""
+    """Tokenize ``cfg.dataset`` into MDS shards at ``cfg.path`` for samples of seq_len + 1 tokens.
+
+    Preparing the same inputs with the same settings again is a no-op (the manifest's
+    fingerprint matches); different data over an existing directory needs ``overwrite``.
+    """
     out = Path(cfg.path)
-    if out.exists() and not overwrite:
-        raise UserError(
-            f"data.path {out} exists already; pass --overwrite or choose another data.path"
-        )
-    tokenizer = TOKENIZERS.get(cfg.tokenizer)()
-    documents = DATASETS.get(cfg.dataset)(cfg.source, cfg.max_bytes)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+    fingerprint = data_fingerprint(cfg, seq_len, tokenizer)
+    if out.exists():
+        existing = _existing_manifest(out)
+        if existing is not None and existing.get("fingerprint") == fingerprint:
+            return PreparedData(out, existing, up_to_date=True)
+        if not overwrite:
+            raise UserError(
+                f"data.path {out} holds other data; pass --overwrite or choose another data.path"
+            )
+    corpus = DATASETS.get(cfg.dataset)()
+    report = IngestReport()
     dtype = token_dtype(tokenizer.vocab_size)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,42 +172,62 @@ def prepare_data(
     packers = {s: _Packer(tmp / s, seq_len + 1, dtype, cfg.shard_size_bytes) for s in SPLITS}
     n_docs = n_bytes = 0
     try:
-        from tqdm import tqdm
-
-        docs = tqdm(documents, desc="tokenizing", unit="doc", disable=not progress, leave=False)
-        for index, text in enumerate(docs):
+        docs = corpus.documents(cfg, report)
+        bar = tqdm(
+            desc="tokenizing", unit="doc", disable=not progress, leave=False, file=sys.stderr
+        )
+        for index, (chars, ids) in enumerate(encode_documents(docs, cfg, cfg.workers)):
             split = "eval" if is_eval_document(index, cfg.eval_fraction) else "train"
-            packers[split].add([*tokenizer.encode(text), tokenizer.eos_id])
-            n_docs, n_bytes = n_docs + 1, n_bytes + len(text)
+            packers[split].add([*ids, tokenizer.eos_id])
+            n_docs, n_bytes = n_docs + 1, n_bytes + chars
+            bar.update(1)
+            bar.set_postfix_str(
+                f"{sum(p.tokens for p in packers.values()) / 1e6:.1f}M tokens", refresh=False
+            )
+        bar.close()
         splits = {s: p.finish() for s, p in packers.items()}
+        if n_docs == 0:
+            raise UserError(f"data.dataset={cfg.dataset} yielded no document; check the inputs")
+        for split, stats in splits.items():
+            if stats["samples"] == 0:
+                raise UserError(
+                    f"the {split} split of data.dataset={cfg.dataset} has no sample of "
+                    f"{seq_len + 1} tokens ({n_docs} documents, {n_bytes} characters); use more data "
+                    f"(data.max_bytes), a shorter trainer.seq_len or another data.eval_fraction"
+                )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for split, stats in splits.items():
-        if stats["samples"] == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(
-                f"the {split} split of data.dataset={cfg.dataset} has no sample of "
-                f"{seq_len + 1} tokens ({n_docs} documents, {n_bytes} bytes); use more data "
-                f"(data.max_bytes), a shorter trainer.seq_len or another data.eval_fraction"
-            )
+    tokenizer.save(tmp)
+    seconds = time.time() - started
     manifest = {
         "format": FORMAT_VERSION,
         "dataset": cfg.dataset,
-        "source": cfg.source,
         "tokenizer": cfg.tokenizer,
         "vocab_size": tokenizer.vocab_size,
         "seq_len": seq_len,
         "documents": n_docs,
-        "bytes": n_bytes,
+        "characters": n_bytes,
+        "tokens": sum(stats["tokens"] for stats in splits.values()),
+        "skipped_records": report.skipped,
+        "skipped_examples": report.skipped_examples,
         "splits": splits,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),
+        "workers": cfg.workers,
+        "fingerprint": fingerprint,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return PreparedData(out, manifest)
+
+
+def _existing_manifest(path: Path) -> dict | None:
+    try:
+        return json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def read_manifest(path: str | Path) -> dict:

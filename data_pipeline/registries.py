@@ -1,9 +1,8 @@
 """The data plugin registries.
 
-- ``tokenizer``: a class with ``vocab_size``, ``eos_id``, ``encode(str) -> list[int]`` and
-  ``decode(list[int]) -> str``, built as ``cls()``.
-- ``dataset``: a corpus, ``fn(source: str | None, max_bytes: int | None) -> Iterator[str]``
-  yielding documents in a fixed order.
+- ``tokenizer``: a class built by ``cls.load(path)``; see `data_pipeline.tokenizers`.
+- ``dataset``: a corpus class with ``fingerprint(cfg)`` and ``documents(cfg, report)``; see
+  `data_pipeline.corpora`.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from arch.registry import UserError
 
@@ -18,7 +20,8 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron train [CONFIG] [key=value ...]      train (resumes from the newest checkpoint)
   hybridtron eval CKPT                           held-out loss of a checkpoint
   hybridtron generate CKPT --prompt TEXT         sample text (greedy or top-p)
-  hybridtron prepare-data [CONFIG] [key=value]   corpus -> tokenized MDS shards
+  hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
+  hybridtron train-tokenizer [INPUT ...] --output DIR   train a byte-level BPE tokenizer
   hybridtron registry list [KIND]                every plugin with its one-line doc
 
 CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
@@ -91,11 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare-data",
         help="tokenize a corpus into MDS shards",
-        description="Tokenize data.dataset with data.tokenizer into MDS shards at data.path "
-        "(samples of trainer.seq_len + 1 tokens).",
+        description="Tokenize files (INPUT: .txt/.md, .jsonl[.gz|.zst], .parquet, directories, "
+        "globs) or the corpus data.dataset with data.tokenizer into MDS shards at data.path "
+        "(--output), as samples of trainer.seq_len + 1 tokens. Re-running on the same input "
+        "with the same settings does nothing.",
     )
-    _config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="replace data.path if it exists")
+    p.add_argument(
+        "args", nargs="*", metavar="[CONFIG] [INPUT ...] [key=value]",
+        help="a YAML recipe, input files/directories/globs, dotlist overrides",
+    )  # fmt: skip
+    p.add_argument("--output", metavar="DIR", help="where the shards go (data.path)")
+    p.add_argument("--tokenizer", help="tokenizer name (data.tokenizer): byte, hf, ...")
+    p.add_argument("--tokenizer-path", help="tokenizer.json or its directory (data.tokenizer_path)")
+    p.add_argument("--seq-len", type=int, help="tokens per sample minus one (trainer.seq_len)")
+    p.add_argument("--text-field", help="JSONL/Parquet field with the text (data.text_field)")
+    p.add_argument("--workers", type=int, help="tokenizer processes (data.workers)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace data.path if it holds other data"
+    )
+
+    p = sub.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer",
+        description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) on files, or on "
+        "the embedded stdlib corpus when no INPUT is given; writes DIR/tokenizer.json for "
+        "data.tokenizer=hf data.tokenizer_path=DIR.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, directories or globs")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
 
     p = sub.add_parser("registry", help="list plugins", description="List registered plugins.")
     reg = p.add_subparsers(dest="registry_command", metavar="list")
@@ -198,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from arch.generate import generate
-    from data_pipeline import TOKENIZERS
+    from data_pipeline.tokenizers import load_tokenizer
     from launch.inference import load_model, resolve_checkpoint
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -207,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     checkpoint = resolve_checkpoint(args.checkpoint)
     model, cfg = load_model(checkpoint)
-    tokenizer = TOKENIZERS.get(cfg.data.tokenizer)()
+    tokenizer = load_tokenizer(cfg.data.tokenizer, str(checkpoint.path))  # saved with the weights
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise UserError("--prompt is empty; give some text to continue")
@@ -229,15 +259,47 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     from data_pipeline import prepare_data
     from launch.config import load_config
 
-    config, overrides = _split_config(args.args)
+    config, rest = _split_config(args.args)
+    if config is not None and not config.endswith((".yaml", ".yml")):
+        config, rest = None, args.args  # no recipe: the first item is an input
+    overrides = [a for a in rest if "=" in a]
+    inputs = [a for a in rest if "=" not in a]
+    if inputs:
+        overrides += ["data.dataset=files", f"data.inputs={json.dumps(inputs)}"]
+    for flag, key in (("output", "data.path"), ("tokenizer", "data.tokenizer"),
+                      ("tokenizer_path", "data.tokenizer_path"), ("seq_len", "trainer.seq_len"),
+                      ("text_field", "data.text_field"), ("workers", "data.workers")):  # fmt: skip
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
     cfg = load_config(config, overrides)
     prepared = prepare_data(cfg.data, cfg.trainer.seq_len, overwrite=args.overwrite)
     m = prepared.manifest
+    if prepared.up_to_date:
+        print(f"{prepared.path} is up to date (same inputs, tokenizer and settings): nothing to do")
+        return 0
+    if m["skipped_records"]:
+        print(f"skipped {m['skipped_records']} bad records, e.g. {m['skipped_examples'][0]}")
     print(
-        f"prepared {m['documents']} documents ({m['bytes'] / 1e6:.1f} MB) of {m['dataset']!r} with "
+        f"prepared {m['documents']} documents ({m['characters'] / 1e6:.1f}M characters) of {m['dataset']!r} with "
         f"tokenizer {m['tokenizer']!r}: {m['splits']['train']['samples']} train and "
         f"{m['splits']['eval']['samples']} eval samples of {m['seq_len'] + 1} tokens in {prepared.path}"
     )
+    return 0
+
+
+def cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from data_pipeline import DATASETS, DataConfig, train_bpe
+    from data_pipeline.sources import IngestReport
+
+    name = "files" if args.inputs else "stdlib"
+    cfg = DataConfig(dataset=name, inputs=args.inputs, text_field=args.text_field,
+                     max_bytes=args.max_bytes)  # fmt: skip
+    docs = DATASETS.get(name)().documents(cfg, IngestReport())
+    file = train_bpe(docs, args.vocab_size, Path(args.output))
+    print(f"trained a {args.vocab_size}-token byte-level BPE on {name} -> {file}; use it with "
+          f"data.tokenizer=hf data.tokenizer_path={args.output}")  # fmt: skip
     return 0
 
 
@@ -265,6 +327,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "generate": cmd_generate,
     "prepare-data": cmd_prepare_data,
+    "train-tokenizer": cmd_train_tokenizer,
     "registry": cmd_registry,
 }
 

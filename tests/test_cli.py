@@ -72,7 +72,12 @@ def cli(tmp_path_factory, tiny_data):
     prepare_args = ["prepare-data", f"data.path={prepared}", "data.max_bytes=50000"]
 
     def prepare_twice():
-        return run_cli(*prepare_args), run_cli(*prepare_args)
+        # Same inputs and settings again: a no-op. Other settings over it: refused.
+        return (
+            run_cli(*prepare_args),
+            run_cli(*prepare_args),
+            run_cli(*prepare_args[:-1], "data.max_bytes=40000"),
+        )
 
     jobs = {
         "train": lambda: run_cli(*train_args),
@@ -241,7 +246,7 @@ def test_help_describes_each_subcommand(cli):
 
 
 def test_prepare_data_writes_a_manifest_and_refuses_to_overwrite(cli):
-    first, second = cli["prepare"]
+    first, again, other = cli["prepare"]
     prepared = cli["prepared"]
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"in {prepared}" in first.stdout
@@ -249,17 +254,20 @@ def test_prepare_data_writes_a_manifest_and_refuses_to_overwrite(cli):
     assert manifest["dataset"] == "stdlib" and manifest["tokenizer"] == "byte"
     assert manifest["seq_len"] == 256  # the default trainer.seq_len
     assert manifest["splits"]["train"]["samples"] > 0 and manifest["splits"]["eval"]["samples"] > 0
-    assert manifest["bytes"] < 100_000  # data.max_bytes=50000 capped the corpus
+    assert manifest["characters"] < 100_000  # data.max_bytes=50000 capped the corpus
     assert (prepared / "train" / "index.json").is_file() and (
         prepared / "eval" / "index.json"
     ).is_file()
     assert not Path(f"{prepared}.tmp").exists()
 
-    assert second.returncode == 1
-    line = one_line(second.stderr)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    assert json.loads((prepared / "hybridtron_data.json").read_text()) == manifest
+
+    assert other.returncode == 1
+    line = one_line(other.stderr)
     assert line.startswith("hybridtron prepare-data: error: ")
     assert str(prepared) in line and "--overwrite" in line
-    assert second.stdout == ""
+    assert other.stdout == ""
 
 
 def test_registry_list_shows_every_kind(cli):

@@ -116,8 +116,8 @@ def test_integer_given_for_a_float_field_becomes_a_float():
         (None, ["trainer.seq_len=128"], "runs/data/stdlib-byte-128"),
         (
             None,
-            ["data.dataset=text", "data.source=/tmp", "trainer.seq_len=64"],
-            "runs/data/text-byte-64",
+            ["data.dataset=files", "data.inputs=[/tmp]", "trainer.seq_len=64"],
+            "runs/data/files-byte-64",
         ),
         ("tiny", [], "runs/data/stdlib-byte-tiny-64"),
         ("tiny", ["trainer.seq_len=32"], "runs/data/stdlib-byte-tiny-32"),

@@ -26,8 +26,9 @@ from data_pipeline import (
     prepare_data,
     read_manifest,
 )
-from data_pipeline.corpora import stdlib_corpus
+from data_pipeline.corpora import StdlibCorpus
 from data_pipeline.prepare import MANIFEST, is_eval_document
+from data_pipeline.sources import IngestReport
 from data_pipeline.tokenizers import ByteTokenizer
 
 SAMPLE_LEN = TINY_SEQ_LEN + 1
@@ -69,7 +70,7 @@ def data(tiny_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def expected() -> dict[str, torch.Tensor]:
-    docs = stdlib_corpus(None, TINY_MAX_BYTES)
+    docs = stdlib_docs(TINY_MAX_BYTES)
     return expected_samples(docs, DataConfig().eval_fraction, SAMPLE_LEN)
 
 
@@ -110,7 +111,7 @@ def test_splits_hold_the_corpus_token_for_token(data, expected):
     # Documents end with EOS, and the decoded text is the corpus text.
     tok = ByteTokenizer()
     assert (train == tok.eos_id).any()
-    first_doc = next(iter(stdlib_corpus(None, TINY_MAX_BYTES)))
+    first_doc = next(iter(stdlib_docs(TINY_MAX_BYTES)))
     assert is_eval_document(0, DataConfig().eval_fraction)  # doc 0 is held out ...
     eval_text = tok.decode(load_eval_set(DataConfig(path=str(data)), 10**6).flatten().tolist())
     assert eval_text.startswith(first_doc[:500])  # ... and opens the eval stream
@@ -120,6 +121,10 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def stdlib_docs(max_bytes: int):
+    return StdlibCorpus().documents(DataConfig(max_bytes=max_bytes), IngestReport())
 
 
 def doc(tag: str, n: int = 300) -> str:
@@ -135,10 +140,13 @@ def test_text_corpus(tmp_path):
     write(src / "sub" / "c.txt", docs[2])
     write(src / "sub" / "d.md", docs[3])
     write(src / "z.txt", docs[4])
-    cfg = DataConfig(path=str(tmp_path / "out"), dataset="text", source=str(src), eval_fraction=0.3)
+    cfg = DataConfig(
+        path=str(tmp_path / "out"), dataset="files", inputs=[str(src)], eval_fraction=0.3
+    )
     prepared = prepare_data(cfg, 15, progress=False)
     assert prepared.manifest["documents"] == 5
-    assert prepared.manifest["source"] == str(src)
+    files = prepared.manifest["fingerprint"]["corpus"]["files"]
+    assert [Path(f["path"]).name for f in files] == ["a.txt", "b.md", "c.txt", "d.md", "z.txt"]
     exp = expected_samples(docs, 0.3, 16)  # sorted paths: a, b, sub/c, sub/d, z
     assert torch.equal(read_split_in_order(tmp_path / "out"), exp["train"])
     assert torch.equal(load_eval_set(cfg, 10**6), exp["eval"])
@@ -150,9 +158,12 @@ def test_jsonl_corpus(tmp_path):
     lines = [json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)]
     write(src / "1.jsonl", "\n".join(lines[:4]) + "\n\n   \n")  # blank lines are skipped
     write(src / "2.jsonl", "\n".join(lines[4:]) + "\n")
-    write(src / "notes.txt", "not jsonl")
+    write(src / "notes.txt", "not jsonl")  # not matched by the glob
     cfg = DataConfig(
-        path=str(tmp_path / "out"), dataset="jsonl", source=str(src), eval_fraction=0.3
+        path=str(tmp_path / "out"),
+        dataset="files",
+        inputs=[str(src / "*.jsonl")],
+        eval_fraction=0.3,
     )
     prepared = prepare_data(cfg, 15, progress=False)
     assert prepared.manifest["documents"] == 7
@@ -166,18 +177,17 @@ def test_bad_jsonl_line_names_file_and_line(tmp_path, bad):
     good = json.dumps({"text": doc("x")})
     file = write(tmp_path / "src" / "data.jsonl", f"{good}\n{good}\n{bad}\n{good}\n")
     out = tmp_path / "out"
-    cfg = DataConfig(path=str(out), dataset="jsonl", source=str(file))
+    cfg = DataConfig(path=str(out), dataset="files", inputs=[str(file)])
     with pytest.raises(UserError, match=rf"{file}:3\b"):
         prepare_data(cfg, 15, progress=False)
     assert not out.exists() and not (tmp_path / "out.tmp").exists()
 
 
-@pytest.mark.parametrize("dataset", ["text", "jsonl"])
-def test_missing_or_absent_source(tmp_path, dataset):
-    with pytest.raises(UserError, match="data.source"):
-        prepare_data(DataConfig(path=str(tmp_path / "o"), dataset=dataset), 15, progress=False)
-    cfg = DataConfig(path=str(tmp_path / "o"), dataset=dataset, source=str(tmp_path / "nope"))
-    with pytest.raises(UserError, match="does not exist"):
+def test_missing_or_absent_inputs(tmp_path):
+    with pytest.raises(UserError, match="data.inputs"):
+        prepare_data(DataConfig(path=str(tmp_path / "o"), dataset="files"), 15, progress=False)
+    cfg = DataConfig(path=str(tmp_path / "o"), dataset="files", inputs=[str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="matches no"):
         prepare_data(cfg, 15, progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -192,7 +202,7 @@ def test_existing_directory_needs_overwrite(tmp_path):
     assert read_manifest(out) == before
     after = prepare_data(cfg, 15, overwrite=True, progress=False).manifest
     assert read_manifest(out) == after
-    assert after["bytes"] > before["bytes"]
+    assert after["characters"] > before["characters"]
     assert not (tmp_path / "d.tmp").exists()
 
 
@@ -205,7 +215,9 @@ def split_too_small(tmp_path: Path, split: str) -> DataConfig:
     else:
         write(src / "0.txt", doc("long"))
         write(src / "1.txt", "hi")
-    return DataConfig(path=str(tmp_path / "d"), dataset="text", source=str(src), eval_fraction=0.3)
+    return DataConfig(
+        path=str(tmp_path / "d"), dataset="files", inputs=[str(src)], eval_fraction=0.3
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,13 @@ def save_checkpoint(
     optimizer_state: dict,
     trainer_state: dict[str, Any],
     config_yaml: str,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` atomically; returns its directory."""
+    """Write a complete checkpoint for ``step`` atomically; returns its directory.
+
+    ``write_extra(dir)`` adds files that travel with the weights (e.g. the tokenizer); they are
+    listed in the manifest and verified like the rest.
+    """
     final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -89,6 +95,8 @@ def save_checkpoint(
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
+    if write_extra is not None:
+        write_extra(tmp)
     files = {
         p.name: {"bytes": p.stat().st_size, "xxh64": _file_digest(p)} for p in sorted(tmp.iterdir())
     }

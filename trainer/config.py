@@ -175,7 +175,9 @@ def validate_run_config(cfg: RunConfig, world_size: int = 1) -> None:
     validate_model_config(cfg.model)
     validate_data_config(cfg.data)
     validate_trainer_config(cfg, world_size)
-    vocab = TOKENIZERS.get(cfg.data.tokenizer).vocab_size
+    # Tokenizers with a fixed vocabulary say so as a class attribute; file-based ones are checked
+    # against the prepared data's manifest when the run starts.
+    vocab = getattr(TOKENIZERS.get(cfg.data.tokenizer), "vocab_size", 0)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",

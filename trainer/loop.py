@@ -18,7 +18,13 @@ import torch
 from omegaconf import OmegaConf
 
 from arch.registry import UserError
-from data_pipeline import build_train_loader, check_prepared, load_eval_set, prepare_data
+from data_pipeline import (
+    build_train_loader,
+    check_prepared,
+    data_tokenizer,
+    load_eval_set,
+    prepare_data,
+)
 from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, grad_accumulation_steps
@@ -90,6 +96,7 @@ class Trainer:
             not (Path(data.path) / MANIFEST).exists()
             and data.prepare_if_missing
             and not data.remote
+            and not data.sources
         ):
             self.log(
                 f"[data] preparing {data.dataset!r} with tokenizer {data.tokenizer!r} into {data.path}"
@@ -99,7 +106,7 @@ class Trainer:
             )
             m = prepared.manifest
             self.log(
-                f"[data] {m['documents']} documents, {m['bytes'] / 1e6:.1f} MB -> "
+                f"[data] {m['documents']} documents, {m['characters'] / 1e6:.1f}M characters -> "
                 f"{m['splits']['train']['samples']} train / {m['splits']['eval']['samples']} eval samples "
                 f"in {m['seconds']} s"
             )
@@ -145,6 +152,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         seed_everything(t.seed)
         manifest = self._ensure_data()
+        self.tokenizer = data_tokenizer(cfg.data)  # saved into every checkpoint
         resume = self._resume_point()
 
         module = TrainModule(cfg)
@@ -204,7 +212,6 @@ class Trainer:
                             "grad_norm": out.grad_norm,
                             "tokens": tokens,
                             "tokens_per_s": tps,
-                            **out.metrics,  # e.g. MoE aux losses and expert loads
                         },
                     )
                     window_start, window_tokens = time.perf_counter(), 0
@@ -263,6 +270,7 @@ class Trainer:
             module.optimizer.state_dict(),
             state,
             config_yaml(self.cfg),
+            write_extra=self.tokenizer.save,
         )
         ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
         return path
