@@ -4,7 +4,17 @@ Imports only torch and the standard library; never `trainer`, `launch` or `data_
 `arch.registry` is the dependency-free leaf that every package may import.
 """
 
-from arch import attention, mlp, preconditioner, residual  # noqa: F401  (register built-ins)
+from arch import (  # noqa: F401  (register built-ins)
+    attention,
+    mamba,
+    mlp,
+    moe,
+    pc_layer,
+    preconditioner,
+    residual,
+    residual_adaptive,
+    residual_momentum,
+)
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import ATTENTION, FFNS, MIXERS, PRECONDITIONERS, RESIDUALS
 from arch.model import HybridLM, build_model, count_parameters, lm_loss

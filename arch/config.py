@@ -42,6 +42,36 @@ class PreconditionerConfig:
 
 
 @dataclass
+class MambaConfig:
+    """The Mamba-1 mixer (`M`), as in Jamba: selective scan with RMSNorms on dt, B and C."""
+
+    d_state: int = 16  # N: SSM state size per channel
+    d_conv: int = 4  # causal depthwise conv width
+    expand: int = 2  # d_inner = expand * d_model
+    dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
+    dt_norms: bool = True  # Jamba's RMSNorms on dt/B/C after x_proj; false = vanilla Mamba-1
+    conv_bias: bool = True
+    scan: str = "auto"  # auto | cpu | loop | cuda (see arch.selective_scan)
+
+    def rank(self, d_model: int) -> int:
+        """The dt projection's rank (Mamba's "auto" rule when dt_rank is None)."""
+        return -(-d_model // 16) if self.dt_rank is None else self.dt_rank
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts FFN (`E`): softmax router, top-k, SwiGLU experts."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    renormalize: bool = False  # renormalise the top-k weights to sum 1 (Mixtral); Jamba: false
+    expert_hidden: int | None = None  # each expert's SwiGLU width; None: model.ffn_hidden_size
+    capacity_factor: float | None = None  # None: dropless; else C = ceil(k T / E * factor)
+    aux_loss_weight: float = 0.01  # load-balancing loss, HF convention (balanced value = top_k)
+    z_loss_weight: float = 0.001  # router z-loss, mean logsumexp(logits)^2
+
+
+@dataclass
 class ModelConfig:
     pattern: str = "*-*-*-*-"  # one symbol per residual sub-layer; `|` between pipeline stages
     d_model: int = 256
@@ -59,6 +89,8 @@ class ModelConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     # Derived values (never stored in the config, always computed the same way).
     @property
@@ -165,3 +197,60 @@ def validate_model_config(cfg: ModelConfig) -> None:
     stages = cfg.pattern.split(STAGE_SEPARATOR)
     if any(not stage for stage in stages):
         raise ConfigError("model.pattern", f"{cfg.pattern!r} has an empty pipeline stage")
+    _validate_plugin_options(cfg)
+    _validate_mamba(cfg.mamba)
+    _validate_moe(cfg.moe)
+
+
+MAMBA_SCANS = ("auto", "cpu", "loop", "cuda")
+
+
+def _validate_mamba(m: MambaConfig) -> None:
+    for key in ("d_state", "d_conv", "expand"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.mamba.{key}", f"must be positive, got {getattr(m, key)}")
+    if m.dt_rank is not None and m.dt_rank <= 0:
+        raise ConfigError(
+            "model.mamba.dt_rank", f"must be positive or null (ceil(d_model/16)), got {m.dt_rank}"
+        )
+    if m.scan not in MAMBA_SCANS:
+        raise ConfigError(
+            "model.mamba.scan", f"must be one of {'|'.join(MAMBA_SCANS)}, got {m.scan!r}"
+        )
+
+
+def _validate_moe(m: MoEConfig) -> None:
+    if m.num_experts <= 0:
+        raise ConfigError("model.moe.num_experts", f"must be positive, got {m.num_experts}")
+    if not 0 < m.top_k <= m.num_experts:
+        raise ConfigError(
+            "model.moe.top_k", f"must be in [1, num_experts={m.num_experts}], got {m.top_k}"
+        )
+    if m.expert_hidden is not None and m.expert_hidden <= 0:
+        raise ConfigError(
+            "model.moe.expert_hidden",
+            f"must be positive or null (model.ffn_hidden_size), got {m.expert_hidden}",
+        )
+    if m.capacity_factor is not None and m.capacity_factor <= 0:
+        raise ConfigError(
+            "model.moe.capacity_factor",
+            f"must be positive or null (dropless), got {m.capacity_factor}",
+        )
+    for key in ("aux_loss_weight", "z_loss_weight"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.moe.{key}", f"must be >= 0, got {getattr(m, key)}")
+
+
+def _validate_plugin_options(cfg: ModelConfig) -> None:
+    """model.residual.options / model.preconditioner.options against what the plugin declares."""
+    from arch.layers_registry import PRECONDITIONERS, RESIDUALS  # late, as above
+    from arch.options import resolve_options
+
+    for key, section, registry in (
+        ("model.residual", cfg.residual, RESIDUALS),
+        ("model.preconditioner", cfg.preconditioner, PRECONDITIONERS),
+    ):
+        if section.name in registry:  # an unknown name is reported by its own check
+            resolve_options(
+                registry.get(section.name), section.options, f"{key}.options", section.name
+            )

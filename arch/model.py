@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arch.aux_losses import recording
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
 from arch.residual import State
 
 # Projections whose output is added to the residual stream: initialised smaller (GPT-2 / Megatron).
-RESIDUAL_OUT_ROLES = ("wo", "w2")
+RESIDUAL_OUT_ROLES = ("wo", "w2", "out_proj")
 
 
 class SubLayer(nn.Module):
@@ -56,6 +57,9 @@ class HybridLM(nn.Module):
 
         N is the number of residual additions (sub-layers): GPT-2's rule, which Megatron writes
         as 1/sqrt(2 L) for L blocks of two sub-layers each.
+
+        Then every sub-module with a ``post_init_weights()`` method re-applies its special init
+        (e.g. Mamba's A, D and dt bias), so a plugin's init survives this generic pass.
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(len(self.layers))
@@ -65,6 +69,9 @@ class HybridLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "post_init_weights", None)):
+                module.post_init_weights()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         state = self.state_init(self.embed(input_ids), input_ids)
@@ -74,6 +81,20 @@ class HybridLM(nn.Module):
         weight = self.embed.weight if self.head is None else self.head.weight
         # Padding rows exist for sharding only: logits cover the real vocabulary.
         return F.linear(h, weight[: self.cfg.vocab_size])
+
+    def forward_with_aux(
+        self, input_ids: torch.Tensor, metrics: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the weighted auxiliary losses sub-layers report (MoE balance, z-loss).
+
+        Training adds the losses to the LM loss; ``metrics``, if given, receives detached
+        diagnostics (e.g. each MoE sub-layer's expert loads). See `arch.aux_losses`.
+        """
+        with recording() as recorder:
+            logits = self(input_ids)
+        if metrics is not None:
+            metrics.update(recorder.metrics)
+        return logits, recorder.losses
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ def no_preconditioner(linear: nn.Linear, cfg: PreconditionerConfig, role: str) -
     return linear
 
 
+no_preconditioner.option_defaults = {}  # type: ignore[attr-defined]  (takes no options)
+
+
 def make_linear(cfg: ModelConfig, in_features: int, out_features: int, role: str) -> nn.Module:
     """A bias-free projection, wrapped by the configured preconditioner."""
     linear = nn.Linear(in_features, out_features, bias=False)

@@ -12,13 +12,14 @@ tensor that never mixes tokens.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from arch.config import ModelConfig
 from arch.layers_registry import RESIDUALS
+from arch.options import resolve_options
 
 State = dict[str, torch.Tensor]
 Oracle = Callable[[torch.Tensor], torch.Tensor]
@@ -35,10 +36,20 @@ class ResidualUpdate(nn.Module):
     """Base class of residual plugins. Subclasses set ``state_names`` and ``forward``."""
 
     state_names: ClassVar[tuple[str, ...]] = ("x",)
+    # Every option the plugin reads from `model.residual.options`, with its default; None: the
+    # plugin declares none and gets the options unchecked (see `arch.options`).
+    option_defaults: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
+
+    @classmethod
+    def options_of(cls, cfg: ModelConfig) -> dict[str, Any]:
+        """``model.residual.options`` over the defaults; ConfigError on an unknown option."""
+        return resolve_options(
+            cls, cfg.residual.options, "model.residual.options", cfg.residual.name
+        )
 
     @classmethod
     def build_state_init(cls, cfg: ModelConfig) -> nn.Module:

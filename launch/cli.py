@@ -22,6 +22,7 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron generate CKPT --prompt TEXT         sample text (greedy or top-p)
   hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
   hybridtron train-tokenizer [INPUT ...] --output DIR   train a byte-level BPE tokenizer
+  hybridtron merge-pc CKPT OUT                   fold PC-layer weights into plain ones
   hybridtron registry list [KIND]                every plugin with its one-line doc
 
 CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
@@ -126,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--text-field", default="text")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
+
+    p = sub.add_parser(
+        "merge-pc",
+        help="merge PC-layer weights into plain ones",
+        description="Write a checkpoint of the same model with every PC-layer projection merged "
+        "into a plain weight (model.preconditioner.name=none): same outputs, no overhead.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
+    )
+    p.add_argument("out", metavar="OUT", help="new run directory for the merged checkpoint")
 
     p = sub.add_parser("registry", help="list plugins", description="List registered plugins.")
     reg = p.add_subparsers(dest="registry_command", metavar="list")
@@ -289,6 +301,16 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_pc(args: argparse.Namespace) -> int:
+    from launch.merge_pc import merge_pc_checkpoint
+
+    path = merge_pc_checkpoint(args.checkpoint, args.out)
+    print(
+        f"merged PC weights into {path} (model.preconditioner.name=none); evaluate: hybridtron eval {path}"
+    )
+    return 0
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from data_pipeline import DATASETS, DataConfig, train_bpe
     from data_pipeline.sources import IngestReport
@@ -328,6 +350,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "prepare-data": cmd_prepare_data,
     "train-tokenizer": cmd_train_tokenizer,
+    "merge-pc": cmd_merge_pc,
     "registry": cmd_registry,
 }
 

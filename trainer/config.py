@@ -26,6 +26,14 @@ class OptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # the schedule's floor, as a fraction of lr
     decay_fraction: float = 0.2  # wsd: share of max_steps spent decaying at the end
+    # optim.name=muon (trainer/muon.py): Muon on hidden matrices, AdamW (lr, betas) on the rest.
+    muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same schedule as lr
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_scale: str = (
+        "jordan"  # jordan: sqrt(max(1, rows/cols)) | moonlight: 0.2 sqrt(max(rows, cols))
+    )
 
 
 @dataclass
@@ -125,6 +133,14 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {list(o.betas)}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    if o.muon_lr <= 0:
+        raise ConfigError("optim.muon_lr", f"must be positive, got {o.muon_lr}")
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError("optim.muon_momentum", f"must be in [0, 1), got {o.muon_momentum}")
+    if o.muon_ns_steps < 1:
+        raise ConfigError("optim.muon_ns_steps", f"must be >= 1, got {o.muon_ns_steps}")
+    if o.muon_scale not in ("jordan", "moonlight"):
+        raise ConfigError("optim.muon_scale", f"must be jordan or moonlight, got {o.muon_scale!r}")
     if not 0 <= o.decay_fraction <= 1:
         raise ConfigError("optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
     if o.warmup_steps >= t.max_steps and t.max_steps > 1:

@@ -24,6 +24,7 @@ from data_pipeline import (
     data_tokenizer,
     load_eval_set,
     prepare_data,
+    release_loader,
 )
 from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
@@ -212,6 +213,7 @@ class Trainer:
                             "grad_norm": out.grad_norm,
                             "tokens": tokens,
                             "tokens_per_s": tps,
+                            **out.metrics,  # e.g. MoE aux losses and expert loads
                         },
                     )
                     window_start, window_tokens = time.perf_counter(), 0
@@ -237,6 +239,8 @@ class Trainer:
             preemption.restore()
             bar.close()
             metrics.close()
+            batches.close()
+            release_loader(loader)
         result.plot = plot_losses(self.run_dir)
         result.step = step
         return result

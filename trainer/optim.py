@@ -6,21 +6,33 @@ import torch
 from torch import nn
 
 from trainer.config import OptimConfig
+from trainer.muon import build_muon
 from trainer.registries import OPTIMIZERS
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors (norms, scalars) and embeddings do not (the usual LM recipe)."""
-    decay, no_decay = [], []
+    """Matrices decay; vectors (norms, scalars) and embeddings do not (the usual LM recipe).
+
+    The decayed tensors come in two groups: "decay", the hidden projections (weights of the
+    nn.Linear sub-modules other than the output head: what Muon orthogonalises), and
+    "decay_other" (the untied head, convolution kernels, ...), present only when non-empty.
+    """
+    decay, decay_other, no_decay = [], [], []
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = getattr(model, "head", None)
+    hidden = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "group": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "group": "no_decay"},
-    ]
+        if param.ndim < 2 or id(param) in embeddings:
+            no_decay.append(param)
+        else:
+            (decay if id(param) in hidden else decay_other).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "group": "decay"}]
+    if decay_other:
+        groups.append({"params": decay_other, "weight_decay": weight_decay, "group": "decay_other"})
+    groups.append({"params": no_decay, "weight_decay": 0.0, "group": "no_decay"})
+    return groups
 
 
 @OPTIMIZERS.register("adamw")
@@ -33,6 +45,12 @@ def adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
 def sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD with momentum betas[0] (a baseline)."""
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0])
+
+
+@OPTIMIZERS.register("muon")
+def muon(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Muon (Newton-Schulz-orthogonalised momentum) on hidden matrices, AdamW on the rest."""
+    return build_muon(groups, cfg)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

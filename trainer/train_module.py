@@ -7,11 +7,12 @@ the *how* of a step, which is the part the parallel recipes (DP/TP/PP/ZeRO) repl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from arch import build_model, count_parameters, lm_loss
+from arch.aux_losses import recording
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 
@@ -20,6 +21,9 @@ from trainer.optim import build_optimizer
 class StepResult:
     loss: float  # mean loss over the step's micro-batches
     grad_norm: float  # global gradient norm before clipping
+    # The model's auxiliary losses and diagnostics (MoE balance, z-loss, expert loads), averaged
+    # over the micro-batches; "loss" above stays the LM loss so runs compare across models.
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class TrainModule:
@@ -27,6 +31,7 @@ class TrainModule:
         self.cfg = cfg
         self.model = build_model(cfg.model, seed=cfg.trainer.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
@@ -37,18 +42,34 @@ class TrainModule:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros(())
+        metrics: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
-            loss = self.loss(batch) / len(micro_batches)
-            loss.backward()
-            total += loss.detach()
+            lm, aux = train_loss(self.model, batch, self.cfg.trainer.precision, metrics)
+            loss = lm + sum(aux.values()) if aux else lm
+            (loss / len(micro_batches)).backward()
+            total += lm.detach() / len(micro_batches)
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
         self.optimizer.step()
+        post_optimizer_step(self.model)
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=total.item(), grad_norm=grad_norm.item())
+        return StepResult(
+            loss=total.item(),
+            grad_norm=grad_norm.item(),
+            metrics=scalar_metrics(metrics, len(micro_batches)),
+        )
 
     def eval_loss(self, samples: torch.Tensor, micro_batch_size: int) -> float:
         return evaluate_loss(self.model, samples, micro_batch_size, self.cfg.trainer.precision)
+
+
+def post_optimizer_step(model: torch.nn.Module) -> None:
+    """Call ``post_optimizer_step()`` on every sub-module that defines it (after each step and
+    once at construction): state derived from the weights, e.g. the PC layer's power iteration."""
+    for module in model.modules():
+        hook = getattr(module, "post_optimizer_step", None)
+        if callable(hook):
+            hook()
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -64,6 +85,39 @@ def batch_loss(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> t
     with autocast(precision):
         logits = model(inputs)
     return lm_loss(logits, targets)
+
+
+def train_loss(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    precision: str,
+    metrics: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(LM loss, the model's weighted auxiliary losses) of a [B, T + 1] batch.
+
+    Detached copies of the auxiliary losses and the model's diagnostics are summed into
+    ``metrics`` (so a step's metrics add up over its micro-batches).
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    # What HybridLM.forward_with_aux does, around model(): also works through wrappers (DDP, ...).
+    with autocast(precision), recording() as recorder:
+        logits = model(inputs)
+    aux = recorder.losses
+    step_metrics = {**recorder.metrics, **{name: value.detach() for name, value in aux.items()}}
+    for name, value in step_metrics.items():
+        metrics[name] = metrics[name] + value if name in metrics else value
+    return lm_loss(logits, targets), aux
+
+
+def scalar_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    """Means over ``count`` micro-batches as floats; a vector metric v becomes key/0, key/1, ..."""
+    out: dict[str, float] = {}
+    for name, value in sums.items():
+        flat = (value / count).flatten().tolist()
+        out.update(
+            {name: flat[0]} if value.ndim == 0 else {f"{name}/{i}": v for i, v in enumerate(flat)}
+        )
+    return out
 
 
 @torch.no_grad()

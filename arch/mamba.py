@@ -1,0 +1,105 @@
+"""The Mamba-1 mixer (`M`), with Jamba's RMSNorms on dt, B and C (`model.mamba`).
+
+    x, z  = in_proj(h)                          x: the SSM input, z: the gate
+    x     = silu(causal depthwise conv1d(x))    (with bias)
+    dt, B, C = x_proj(x)                        then RMSNorm each (Jamba; `dt_norms=false` skips)
+    delta = softplus(dt_proj(dt))               (bias inside the softplus)
+    y     = selective_scan(x, delta, A=-exp(A_log), B, C) + D x
+    out   = out_proj(y * silu(z))
+
+Parameter names and layouts are HF Jamba's (`in_proj` rows: x then z; `x_proj` rows: dt, B, C;
+`conv1d.weight` [d_inner, 1, K]), so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch.config import ModelConfig
+from arch.layers_registry import MIXERS
+from arch.preconditioner import make_linear
+from arch.selective_scan import cuda_kernels, resolve_backend, selective_scan
+
+# The original Mamba's dt initialisation: dt ~ logUniform[DT_MIN, DT_MAX], floored at DT_FLOOR.
+DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@MIXERS.register("mamba")
+class Mamba(nn.Module):
+    """Mamba-1 selective-scan mixer with Jamba's dt/B/C RMSNorms (model.mamba)."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        m = cfg.mamba
+        self.d_inner = m.expand * cfg.d_model
+        self.d_state = m.d_state
+        self.dt_rank = m.rank(cfg.d_model)
+        self.scan = m.scan
+        if m.scan == "cuda":
+            resolve_backend("cuda", torch.device("cuda"))  # fail at build time, not mid-run
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        self.in_proj = make_linear(cfg, cfg.d_model, 2 * d, "in_proj")
+        self.conv1d = nn.Conv1d(d, d, m.d_conv, groups=d, padding=m.d_conv - 1, bias=m.conv_bias)
+        self.x_proj = make_linear(cfg, d, r + 2 * n, "x_proj")
+        # dt_proj keeps its bias (the softplus offset that sets dt's range), so it is a plain
+        # Linear outside the preconditioner.
+        self.dt_proj = nn.Linear(r, d, bias=True)
+        norm = (lambda w: nn.RMSNorm(w, eps=cfg.norm_eps)) if m.dt_norms else (lambda w: None)
+        self.dt_layernorm, self.b_layernorm, self.c_layernorm = norm(r), norm(n), norm(n)
+        self.A_log = nn.Parameter(torch.empty(d, n))
+        self.D = nn.Parameter(torch.empty(d))
+        self.out_proj = make_linear(cfg, d, cfg.d_model, "out_proj")
+        for p in (self.A_log, self.D):
+            p._no_weight_decay = True  # mamba_ssm's marker: decaying them pulls A, D to 0
+        self.post_init_weights()
+
+    @torch.no_grad()
+    def post_init_weights(self) -> None:
+        """The original Mamba's init of A, D and dt_proj, which a generic Linear init would undo.
+
+        HybridLM calls this after its N(0, std) pass over every Linear (see `HybridLM.reset_parameters`).
+        """
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(d, n))
+        self.D.fill_(1.0)
+        bound = r**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        dt = torch.exp(torch.rand(d) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
+        dt = dt.clamp(min=DT_FLOOR)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+
+    def _conv(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        """silu(causal depthwise conv) over [b, d, l]."""
+        if backend == "cuda":
+            _, conv_fn = cuda_kernels()  # type: ignore[misc]
+            weight = self.conv1d.weight.squeeze(1)
+            return conv_fn(x, weight, self.conv1d.bias, activation="silu")
+        return F.silu(self.conv1d(x)[..., : x.shape[-1]])  # padding K-1 then cut: causal
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        backend = resolve_backend(self.scan, h.device)
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
+        x = self._conv(x, backend)
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        if self.dt_layernorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the softplus
+        y = selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D,
+            z=z,
+            delta_bias=self.dt_proj.bias,
+            delta_softplus=True,
+            backend=backend,
+        )
+        return self.out_proj(y.transpose(1, 2).to(h.dtype))
