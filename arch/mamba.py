@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch.config import ModelConfig
+from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.preconditioner import make_linear
 from arch.selective_scan import cuda_kernels, resolve_backend, selective_scan
@@ -72,18 +73,36 @@ class Mamba(nn.Module):
         dt = dt.clamp(min=DT_FLOOR)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
-    def _conv(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        """silu(causal depthwise conv) over [b, d, l]."""
+    def _conv(self, x: torch.Tensor, backend: str, doc_ids: torch.Tensor | None) -> torch.Tensor:
+        """silu(causal depthwise conv) over [b, d, l]; the window never reaches into the previous
+        document when ``doc_ids`` [b, l] is given."""
+        if doc_ids is not None:
+            return F.silu(self._document_conv(x, doc_ids))
         if backend == "cuda":
             _, conv_fn = cuda_kernels()  # type: ignore[misc]
             weight = self.conv1d.weight.squeeze(1)
             return conv_fn(x, weight, self.conv1d.bias, activation="silu")
         return F.silu(self.conv1d(x)[..., : x.shape[-1]])  # padding K-1 then cut: causal
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def _document_conv(self, x: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        """The causal conv as K shifted products, each masked to taps of the same document."""
+        weight = self.conv1d.weight.squeeze(1)  # [d, K]; tap j looks back K - 1 - j positions
+        k, length = weight.shape[-1], x.shape[-1]
+        y = (
+            x.new_zeros(x.shape)
+            if self.conv1d.bias is None
+            else self.conv1d.bias[:, None].expand_as(x)
+        )
+        for back in range(k):
+            earlier = F.pad(x, (back, 0))[..., :length]
+            same_doc = doc_ids == F.pad(doc_ids, (back, 0), value=-1)[..., :length]
+            y = y + weight[:, k - 1 - back, None] * earlier * same_doc[:, None, :].to(x.dtype)
+        return y
+
+    def forward(self, h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         backend = resolve_backend(self.scan, h.device)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
-        x = self._conv(x, backend)
+        x = self._conv(x, backend, doc_ids)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split(
             [self.dt_rank, self.d_state, self.d_state], dim=-1
         )
@@ -101,5 +120,6 @@ class Mamba(nn.Module):
             delta_bias=self.dt_proj.bias,
             delta_softplus=True,
             backend=backend,
+            keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
         )
         return self.out_proj(y.transpose(1, 2).to(h.dtype))

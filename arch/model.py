@@ -5,6 +5,7 @@ Single-device model code only; how it is split over GPUs lives in `trainer`.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -31,8 +32,12 @@ class SubLayer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.inner = registry.get(plugin)(cfg, index)
         self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
+        # Mixers that keep packed documents apart take `doc_ids`; the others never see it.
+        self.takes_doc_ids = "doc_ids" in inspect.signature(self.inner.forward).parameters
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: State, doc_ids: torch.Tensor | None = None) -> State:
+        if doc_ids is not None and self.takes_doc_ids:
+            return self.residual(state, lambda h: self.inner(self.norm(h), doc_ids=doc_ids))
         return self.residual(state, lambda h: self.inner(self.norm(h)))
 
 
@@ -73,10 +78,12 @@ class HybridLM(nn.Module):
             if module is not self and callable(getattr(module, "post_init_weights", None)):
                 module.post_init_weights()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]; ``doc_ids`` [B, T] keeps packed documents apart (see
+        `arch.documents`)."""
         state = self.state_init(self.embed(input_ids), input_ids)
         for layer in self.layers:
-            state = layer(state)
+            state = layer(state, doc_ids)
         h = self.norm(state["x"])
         weight = self.embed.weight if self.head is None else self.head.weight
         # Padding rows exist for sharding only: logits cover the real vocabulary.

@@ -54,11 +54,22 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
 
 def scan_loop(
-    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference recurrence y_t = <h_t, C_t>, one autograd-recorded step per position."""
+    """Reference recurrence y_t = <h_t, C_t>, one autograd-recorded step per position.
+
+    ``keep`` [b, l] (1, or 0 where a new document starts) multiplies the decay: the state is
+    reset at document boundaries of packed sequences.
+    """
     b, d, length = u.shape
     decay = torch.exp(delta.unsqueeze(-1) * A[:, None])  # [b, d, l, N]
+    if keep is not None:
+        decay = decay * keep[:, None, :, None]
     drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, l, N]
     h = u.new_zeros(b, d, A.shape[-1])
     ys = []
@@ -77,7 +88,7 @@ class SelectiveScanFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):  # noqa: ANN001 (autograd.Function signature)
+    def forward(ctx, u, delta, A, B, C, keep):  # noqa: ANN001 (autograd.Function signature)
         dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         with torch.autocast(device_type=u.device.type, enabled=False):
             u_t = u.float().permute(2, 0, 1).contiguous()  # [l, b, d]
@@ -85,23 +96,25 @@ class SelectiveScanFn(torch.autograd.Function):
             a = A.float()
             b_t = B.float().permute(2, 0, 1).contiguous()  # [l, b, N]
             c_t = C.float().permute(2, 0, 1).contiguous()
-            decay = torch.exp(dt_t.unsqueeze(-1) * a)  # [l, b, d, N]
+            # keep_t [l, b, 1, 1]: 0 resets the state where a document starts (see scan_loop).
+            keep_t = None if keep is None else keep.float().t()[:, :, None, None].contiguous()
+            decay = _decay(dt_t, a, keep_t)  # [l, b, d, N]
             h = (dt_t * u_t).unsqueeze(-1) * b_t.unsqueeze(2)  # the drive, scanned in place
             for t in range(1, h.shape[0]):
                 h[t].addcmul_(decay[t], h[t - 1])
             y = (h @ c_t.unsqueeze(-1)).squeeze(-1)  # [l, b, d]
-        ctx.save_for_backward(u_t, dt_t, a, b_t, c_t, h)
+        ctx.save_for_backward(u_t, dt_t, a, b_t, c_t, h, keep_t)
         ctx.dtypes = dtypes
         return y.permute(1, 2, 0).to(u.dtype)
 
     @staticmethod
     def backward(ctx, grad_y):  # noqa: ANN001
-        u_t, dt_t, a, b_t, c_t, h = ctx.saved_tensors
+        u_t, dt_t, a, b_t, c_t, h, keep_t = ctx.saved_tensors
         with torch.autocast(device_type=grad_y.device.type, enabled=False):
             gy = grad_y.float().permute(2, 0, 1)  # [l, b, d]
             grad_c = (h.transpose(-1, -2) @ gy.unsqueeze(-1)).squeeze(-1)  # [l, b, N]
             g = gy.unsqueeze(-1) * c_t.unsqueeze(2)  # dL/dh_t, accumulated backwards in place
-            decay = torch.exp(dt_t.unsqueeze(-1) * a)
+            decay = _decay(dt_t, a, keep_t)  # d(keep exp(x))/dx = keep exp(x): same formulas
             for t in range(g.shape[0] - 2, -1, -1):
                 g[t].addcmul_(decay[t + 1], g[t + 1])
             # Through the decay exp(delta A): h_0's predecessor is zero, so t = 0 contributes 0.
@@ -116,7 +129,12 @@ class SelectiveScanFn(torch.autograd.Function):
             grad_b = ((dt_t * u_t).unsqueeze(-2) @ g).squeeze(-2)  # [l, b, N]
         grads = (grad_u, grad_delta, grad_a, grad_b, grad_c)
         grads = tuple(g if g.ndim == 2 else g.permute(1, 2, 0) for g in grads)
-        return tuple(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True))
+        return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)), None)
+
+
+def _decay(dt_t: torch.Tensor, a: torch.Tensor, keep_t: torch.Tensor | None) -> torch.Tensor:
+    decay = torch.exp(dt_t.unsqueeze(-1) * a)
+    return decay if keep_t is None else decay * keep_t
 
 
 def selective_scan(
@@ -130,9 +148,16 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     backend: str = "auto",
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The full selective scan, ``mamba_ssm.selective_scan_fn``'s signature; fp32 result."""
+    """The full selective scan, ``mamba_ssm.selective_scan_fn``'s signature; fp32 result.
+
+    ``keep`` [b, l] resets the state where it is 0 (document starts); mamba_ssm's kernel has no
+    such input, so a reset scan runs the pure-torch path on any device.
+    """
     backend = resolve_backend(backend, u.device)
+    if backend == "cuda" and keep is not None:
+        backend = "cpu"
     if backend == "cuda":
         scan_fn, _ = cuda_kernels()  # type: ignore[misc]
         return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus).float()
@@ -142,9 +167,9 @@ def selective_scan(
     if delta_softplus:
         delta = F.softplus(delta)
     if backend == "loop":
-        y = scan_loop(u, delta, A.float(), B.float(), C.float())
+        y = scan_loop(u, delta, A.float(), B.float(), C.float(), keep)
     elif backend == "cpu":
-        y = SelectiveScanFn.apply(u, delta, A, B, C)
+        y = SelectiveScanFn.apply(u, delta, A, B, C, keep)
     else:
         raise ValueError(f"unknown selective-scan back-end {backend!r}")
     if D is not None:

@@ -35,6 +35,9 @@ class DataConfig:
     shuffle_seed: int = 17
     num_workers: int = 0  # data-loader worker processes per rank
     prepare_if_missing: bool = True  # build `path` from `dataset` when it does not exist yet
+    # Keep the documents packed into one sample apart: attention masks and Mamba state resets
+    # at end-of-document tokens (off: documents see their predecessors, GPT-style).
+    document_masking: bool = False
     # A mixture: several prepared data sets, each batch split among them by weight. When set,
     # it replaces path/remote for training and evaluation.
     sources: list[SourceConfig] = field(default_factory=list)

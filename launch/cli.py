@@ -227,7 +227,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.data.path = args.data
     check_prepared(cfg.data, cfg.trainer.seq_len, cfg.model.vocab_size)
     samples = load_eval_set(cfg.data, args.samples)
-    loss = evaluate_loss(model, samples, cfg.trainer.micro_batch_size, cfg.trainer.precision)
+    eos_id = None
+    if cfg.data.document_masking:
+        from data_pipeline.tokenizers import load_tokenizer
+
+        eos_id = load_tokenizer(cfg.data.tokenizer, str(checkpoint.path)).eos_id
+    loss = evaluate_loss(
+        model, samples, cfg.trainer.micro_batch_size, cfg.trainer.precision, eos_id
+    )
     print(
         f"checkpoint {checkpoint.path} (step {checkpoint.step}): held-out loss {loss:.4f}, "
         f"perplexity {math.exp(loss):.2f} over {len(samples)} samples of {cfg.trainer.seq_len} tokens "

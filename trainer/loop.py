@@ -157,6 +157,8 @@ class Trainer:
         resume = self._resume_point()
 
         module = TrainModule(cfg)
+        if cfg.data.document_masking:
+            module.eos_id = self.tokenizer.eos_id
         loader = build_train_loader(cfg.data, t.micro_batch_size)
         eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
         step, tokens = 0, 0

@@ -13,6 +13,7 @@ import torch
 
 from arch import build_model, count_parameters, lm_loss
 from arch.aux_losses import recording
+from arch.documents import document_ids
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 
@@ -33,9 +34,12 @@ class TrainModule:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
+        # The end-of-document token when packed documents are kept apart (data.document_masking);
+        # set by the Trainer once it knows the tokenizer.
+        self.eos_id: int | None = None
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch_loss(self.model, batch, self.cfg.trainer.precision)
+        return batch_loss(self.model, batch, self.cfg.trainer.precision, self.eos_id)
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepResult:
         self.model.train()
@@ -44,7 +48,9 @@ class TrainModule:
         total = torch.zeros(())
         metrics: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
-            lm, aux = train_loss(self.model, batch, self.cfg.trainer.precision, metrics)
+            lm, aux = train_loss(
+                self.model, batch, self.cfg.trainer.precision, metrics, self.eos_id
+            )
             loss = lm + sum(aux.values()) if aux else lm
             (loss / len(micro_batches)).backward()
             total += lm.detach() / len(micro_batches)
@@ -60,7 +66,9 @@ class TrainModule:
         )
 
     def eval_loss(self, samples: torch.Tensor, micro_batch_size: int) -> float:
-        return evaluate_loss(self.model, samples, micro_batch_size, self.cfg.trainer.precision)
+        return evaluate_loss(
+            self.model, samples, micro_batch_size, self.cfg.trainer.precision, self.eos_id
+        )
 
 
 def post_optimizer_step(model: torch.nn.Module) -> None:
@@ -79,11 +87,26 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def batch_loss(model: torch.nn.Module, batch: torch.Tensor, precision: str) -> torch.Tensor:
-    """Next-token loss of a [B, T + 1] batch of token ids."""
+def model_inputs(batch: torch.Tensor, eos_id: int | None) -> tuple[dict, torch.Tensor]:
+    """(keyword arguments of the model call, targets) of a [B, T + 1] batch of token ids.
+
+    With an ``eos_id`` the model also gets each position's document index, so attention and
+    Mamba state never cross the documents packed into one sample.
+    """
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    kwargs = {"input_ids": inputs}
+    if eos_id is not None:
+        kwargs["doc_ids"] = document_ids(inputs, eos_id)
+    return kwargs, targets
+
+
+def batch_loss(
+    model: torch.nn.Module, batch: torch.Tensor, precision: str, eos_id: int | None = None
+) -> torch.Tensor:
+    """Next-token loss of a [B, T + 1] batch of token ids."""
+    kwargs, targets = model_inputs(batch, eos_id)
     with autocast(precision):
-        logits = model(inputs)
+        logits = model(**kwargs)
     return lm_loss(logits, targets)
 
 
@@ -92,16 +115,17 @@ def train_loss(
     batch: torch.Tensor,
     precision: str,
     metrics: dict[str, torch.Tensor],
+    eos_id: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(LM loss, the model's weighted auxiliary losses) of a [B, T + 1] batch.
 
     Detached copies of the auxiliary losses and the model's diagnostics are summed into
     ``metrics`` (so a step's metrics add up over its micro-batches).
     """
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    kwargs, targets = model_inputs(batch, eos_id)
     # What HybridLM.forward_with_aux does, around model(): also works through wrappers (DDP, ...).
     with autocast(precision), recording() as recorder:
-        logits = model(inputs)
+        logits = model(**kwargs)
     aux = recorder.losses
     step_metrics = {**recorder.metrics, **{name: value.detach() for name, value in aux.items()}}
     for name, value in step_metrics.items():
@@ -122,13 +146,17 @@ def scalar_metrics(sums: dict[str, torch.Tensor], count: int) -> dict[str, float
 
 @torch.no_grad()
 def evaluate_loss(
-    model: torch.nn.Module, samples: torch.Tensor, micro_batch_size: int, precision: str
+    model: torch.nn.Module,
+    samples: torch.Tensor,
+    micro_batch_size: int,
+    precision: str,
+    eos_id: int | None = None,
 ) -> float:
     """Mean loss over held-out samples [N, T + 1], in micro-batches."""
     was_training = model.training
     model.eval()
     total = sum(
-        batch_loss(model, chunk, precision).item() * len(chunk)
+        batch_loss(model, chunk, precision, eos_id).item() * len(chunk)
         for chunk in samples.split(micro_batch_size)
     )
     model.train(was_training)
