@@ -73,7 +73,9 @@ def _check_source(cfg: DataConfig, source: SourceConfig, seq_len: int, vocab_siz
     return manifest
 
 
-def _dataset(cfg: DataConfig, split: str, batch_size: int, shuffle: bool) -> TokenDataset:
+def _dataset(
+    cfg: DataConfig, split: str, batch_size: int, shuffle: bool, replication: int = 1
+) -> TokenDataset:
     sources = cfg.resolved_sources()
     total = sum(s.weight for s in sources)
     streams = []
@@ -97,6 +99,7 @@ def _dataset(cfg: DataConfig, split: str, batch_size: int, shuffle: bool) -> Tok
                     batching_method="stratified" if len(sources) > 1 else "random",
                     validate_hash="xxh64",
                     cache_limit=cfg.cache_limit,
+                    replication=replication if replication > 1 else None,
                 )
                 break
             except FileExistsError:
@@ -111,9 +114,15 @@ def _dataset(cfg: DataConfig, split: str, batch_size: int, shuffle: bool) -> Tok
     return dataset
 
 
-def build_train_loader(cfg: DataConfig, micro_batch_size: int) -> StreamingDataLoader:
-    """The training stream for this rank (streaming partitions samples by data-parallel rank)."""
-    dataset = _dataset(cfg, "train", micro_batch_size, cfg.shuffle)
+def build_train_loader(
+    cfg: DataConfig, micro_batch_size: int, replication: int = 1
+) -> StreamingDataLoader:
+    """The training stream for this rank.
+
+    Streaming partitions samples over the processes; ``replication`` consecutive ranks (the
+    tensor-parallel peers, fastest in the rank order) receive identical batches.
+    """
+    dataset = _dataset(cfg, "train", micro_batch_size, cfg.shuffle, replication)
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,

@@ -8,6 +8,7 @@ so prepared data and checkpoints carry their tokenizer) and ``fingerprint() -> d
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from arch.registry import UserError
 from data_pipeline.registries import TOKENIZERS
 
 TOKENIZER_FILE = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
 EOS_TOKEN = "<|endoftext|>"
 
 
@@ -47,7 +49,7 @@ class ByteTokenizer:
 
 @TOKENIZERS.register("hf")
 class HFTokenizer:
-    """A Hugging Face `tokenizers` tokenizer.json (e.g. from `hybridtron train-tokenizer`)."""
+    """A Hugging Face tokenizer: tokenizer.json or its directory (train-tokenizer, or a model's)."""
 
     def __init__(self, file: Path) -> None:
         from tokenizers import Tokenizer
@@ -58,9 +60,13 @@ class HFTokenizer:
             raise UserError(f"{file} is not a valid tokenizer.json ({exc})") from None
         self.file = file
         self.vocab_size = self.tokenizer.get_vocab_size()
-        eos = self.tokenizer.token_to_id(EOS_TOKEN)
+        eos_token = _hf_eos_token(file.parent) or EOS_TOKEN
+        eos = self.tokenizer.token_to_id(eos_token)
         if eos is None:
-            raise UserError(f"{file} has no {EOS_TOKEN!r} token to separate documents; add one")
+            raise UserError(
+                f"{file} has no {eos_token!r} token to end documents; add one, or name the end "
+                f"token as eos_token in tokenizer_config.json beside it"
+            )
         self.eos_id = eos
 
     @classmethod
@@ -89,9 +95,30 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         shutil.copyfile(self.file, directory / TOKENIZER_FILE)
+        config = self.file.parent / HF_TOKENIZER_CONFIG
+        if config.exists():
+            shutil.copyfile(config, directory / HF_TOKENIZER_CONFIG)
 
     def fingerprint(self) -> dict:
-        return {"name": "hf", "xxh64": xxhash.xxh64(self.file.read_bytes()).hexdigest()}
+        return {
+            "name": "hf",
+            "xxh64": xxhash.xxh64(self.file.read_bytes()).hexdigest(),
+            "eos_id": self.eos_id,
+        }
+
+
+def _hf_eos_token(directory: Path) -> str | None:
+    """The end token a Hugging Face tokenizer directory names (e.g. Llama's "</s>"), if any."""
+    config = directory / HF_TOKENIZER_CONFIG
+    if not config.exists():
+        return None
+    try:
+        eos = json.loads(config.read_text()).get("eos_token")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config} is not valid JSON ({exc})") from None
+    if isinstance(eos, dict):  # AddedToken serialised as {"content": ...}
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) else None
 
 
 def load_tokenizer(name: str, path: str | None = None):

@@ -54,6 +54,16 @@ def test_two_ranks_partition_and_resume_exactly(tmp_path, tiny_data):
         assert first + rest == full[rank]
 
 
+def test_tensor_parallel_peers_get_identical_batches(tmp_path, tiny_data):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("*.mds"))
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun(data, out, "replicated", k=10)
+    rank0, rank1 = read(out, "replicated", 0), read(out, "replicated", 1)
+    assert len(rank0) == 10 * 2 and rank0 == rank1
+
+
 def _all_samples(data: Path) -> list[list[int]]:
     from data_pipeline import DataConfig
     from data_pipeline.loader import _dataset

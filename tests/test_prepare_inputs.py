@@ -139,3 +139,21 @@ def test_bpe_tokenizer_travels_with_data_and_checkpoints(tmp_path):
     mismatched = DataConfig(path=str(prepared.path), tokenizer="hf", tokenizer_path=str(retrained))
     with pytest.raises(UserError, match="tokenized with 'hf'"):
         check_prepared(mismatched, 32, 512)
+
+
+def test_hugging_face_tokenizer_directory_names_its_end_token(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"])
+    tok.train_from_iterator([text(i) for i in range(100)], trainer=trainer)
+    directory = tmp_path / "llama-like"
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    loaded = load_tokenizer("hf", str(directory))
+    assert loaded.eos_id == tok.token_to_id("</s>")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eot>"}))
+    with pytest.raises(UserError, match="no '<eot>' token"):
+        load_tokenizer("hf", str(directory))

@@ -46,6 +46,7 @@ def test_local_directory_remote_streams_the_same_samples(tmp_path, tiny_data):
 @pytest.fixture()
 def s3_server(monkeypatch):
     import boto3
+
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

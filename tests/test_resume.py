@@ -239,3 +239,24 @@ def test_restart_without_a_complete_checkpoint_says_so(tmp_path, tiny_data):
     result = Trainer(tiny_config(run, tiny_data, max_steps=2), log=messages.append).fit()
     assert result.resumed_from is None
     assert any("no complete checkpoint" in m and "starting from step 0" in m for m in messages)
+
+
+def test_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, tiny_data):
+    # A checkpoint written before a model config field existed (here: drop `mamba` and `moe`
+    # from its stored config) resumes: absent fields take their default, the same model.
+    run = _trained_run(tmp_path, tiny_data)
+    config_file = run / "checkpoints" / "step_00000006" / "config.yaml"
+    import yaml
+
+    stored = yaml.safe_load(config_file.read_text())
+    del stored["model"]["mamba"], stored["model"]["moe"]
+    config_file.write_text(yaml.safe_dump(stored))
+    manifest_file = run / "checkpoints" / "step_00000006" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["config.yaml"] = {
+        "bytes": config_file.stat().st_size,
+        "xxh64": ckpt._file_digest(config_file),
+    }
+    manifest_file.write_text(json.dumps(manifest))
+    result = Trainer(tiny_config(run, tiny_data, max_steps=8)).fit()
+    assert result.resumed_from.name == "step_00000006" and result.step == 8

@@ -59,7 +59,9 @@ def test_killed_runs_shared_memory_is_cleaned_live_runs_is_kept(tiny_data):
         time.sleep(0.5)
         assert shm_files(dead_prefix), "a group kill should leave streaming's shm behind"
         removed = shm.clean_stale()
-        assert any(name.startswith(f"{dead_prefix:06d}_") for name in removed), _who_maps(dead_prefix)
+        assert any(name.startswith(f"{dead_prefix:06d}_") for name in removed), _who_maps(
+            dead_prefix
+        )
         assert shm_files(dead_prefix) == []
         assert shm_files(live_prefix), "a live run's shared memory must be kept"
         # A new loader over the same data works after the cleanup.

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from arch.config import ModelConfig
 from arch.registry import UserError
 from data_pipeline import (
     build_train_loader,
@@ -134,7 +136,19 @@ class Trainer:
         return None
 
     def _check_compatible(self, checkpoint: ckpt.Checkpoint) -> None:
-        theirs, ours = checkpoint.config.get("model", {}), model_config_dict(self.cfg)
+        # The checkpoint's model config over today's defaults: fields added since it was
+        # written take their default (which builds the same model) instead of counting as a change.
+        try:
+            theirs = OmegaConf.to_container(
+                OmegaConf.merge(
+                    OmegaConf.structured(ModelConfig), checkpoint.config.get("model", {})
+                )
+            )
+        except OmegaConfBaseException as exc:
+            raise ckpt.CheckpointError(
+                f"checkpoint {checkpoint.path} has a model config this version cannot read ({exc})"
+            ) from None
+        ours = model_config_dict(self.cfg)
         diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
         if diffs:
             detail = ", ".join(

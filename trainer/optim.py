@@ -11,7 +11,8 @@ from trainer.registries import OPTIMIZERS
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices decay; vectors (norms, scalars) and embeddings do not (the usual LM recipe).
+    """Matrices decay; vectors (norms, scalars), embeddings and parameters marked
+    ``_no_weight_decay`` do not (the usual LM recipe).
 
     The decayed tensors come in two groups: "decay", the hidden projections (weights of the
     nn.Linear sub-modules other than the output head: what Muon orthogonalises), and
@@ -24,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embeddings:
+        # `_no_weight_decay`: mamba_ssm's marker (A_log, D), honoured for any plugin's parameter.
+        if param.ndim < 2 or id(param) in embeddings or getattr(param, "_no_weight_decay", False):
             no_decay.append(param)
         else:
             (decay if id(param) in hidden else decay_other).append(param)
