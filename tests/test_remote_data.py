@@ -6,6 +6,7 @@ own process); boto3 and streaming talk to it over HTTP exactly as they would to 
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -82,3 +83,24 @@ def test_s3_remote_streams_the_same_samples(tmp_path, tiny_data, s3_server):
     cache = tmp_path / "cache"
     assert losses(tmp_path, "s3", cache, remote="s3://corpus/tiny") == reference
     assert list((cache / "train").glob("shard.*.mds*"))
+
+
+def test_cache_limit_evicts_shards_and_keeps_training(tmp_path, tiny_data):
+    # tiny_data has ~16 KiB shards (~120 KiB decompressed in all): a 100 KiB cache cannot hold
+    # them all (streaming wants at least 4 shards' room), so used shards are evicted while the
+    # run goes on, and the samples stay the same.
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_data, remote, ignore=shutil.ignore_patterns("*.mds"))
+    shards = list((remote / "train").glob("shard.*.mds.zstd"))
+    assert len(shards) >= 4
+    reference = losses(tmp_path, "local", remote)
+    cache = tmp_path / "cache"
+    cfg = tiny_config(tmp_path / "limited", cache, max_steps=40)
+    cfg.data.remote, cfg.data.cache_limit = str(remote), "100kb"
+    streamed = Trainer(cfg).fit().losses
+    assert {k: v for k, v in streamed.items() if k <= 4} == reference
+    raw_total = sum(json.loads((remote / "train" / "index.json").read_text())["shards"][i]["raw_data"]["bytes"]
+                    for i in range(len(shards)))  # fmt: skip
+    assert raw_total > 100 * 1024  # the whole split would not fit
+    cached = sum(p.stat().st_size for p in (cache / "train").glob("shard.*"))
+    assert cached <= 100 * 1024
