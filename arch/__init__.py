@@ -6,7 +6,9 @@ Imports only torch and the standard library; never `trainer`, `launch` or `data_
 
 from arch import (  # noqa: F401  (register built-ins)
     attention,
+    attention_sparse,
     mamba,
+    mamba2,
     mlp,
     moe,
     pc_layer,
@@ -16,6 +18,7 @@ from arch import (  # noqa: F401  (register built-ins)
     residual_momentum,
 )
 from arch.config import ModelConfig, validate_model_config
+from arch.hf_interop import load_pretrained
 from arch.layers_registry import ATTENTION, FFNS, MIXERS, PRECONDITIONERS, RESIDUALS
 from arch.model import HybridLM, build_model, count_parameters, lm_loss
 
@@ -30,5 +33,6 @@ __all__ = [
     "build_model",
     "count_parameters",
     "lm_loss",
+    "load_pretrained",
     "validate_model_config",
 ]

@@ -25,6 +25,8 @@ class AttentionConfig:
     rope: bool = True  # rotary position embedding on q and k (Llama: on, Jamba: off)
     rope_theta: float = 10000.0
     window: int | None = None  # sliding-window size in tokens (implementations that use it)
+    block_size: int = 64  # block_sparse: tokens per block (own block attended causally)
+    stride: int = 4  # block_sparse: also attend earlier blocks j with (i - j) % stride == 0
 
 
 @dataclass
@@ -59,6 +61,18 @@ class MambaConfig:
 
 
 @dataclass
+class Mamba2Config:
+    """The Mamba-2 mixer (`S`): SSD with a scalar decay per head, chunked matmul form."""
+
+    d_state: int = 64  # N: state size per head (shared by the heads of a B/C group)
+    head_dim: int = 32  # P: channels per head; heads = expand * d_model / head_dim
+    expand: int = 2  # d_inner = expand * d_model
+    n_groups: int = 1  # B/C groups (heads per group share B and C); divides the heads
+    chunk_size: int = 64  # Q of the chunked SSD (any sequence length works)
+    d_conv: int = 4  # causal depthwise conv width over x, B and C
+
+
+@dataclass
 class MoEConfig:
     """The mixture-of-experts FFN (`E`): softmax router, top-k, SwiGLU experts."""
 
@@ -90,6 +104,7 @@ class ModelConfig:
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     preconditioner: PreconditionerConfig = field(default_factory=PreconditionerConfig)
     mamba: MambaConfig = field(default_factory=MambaConfig)
+    mamba2: Mamba2Config = field(default_factory=Mamba2Config)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     # Derived values (never stored in the config, always computed the same way).
@@ -199,6 +214,9 @@ def validate_model_config(cfg: ModelConfig) -> None:
         raise ConfigError("model.pattern", f"{cfg.pattern!r} has an empty pipeline stage")
     _validate_plugin_options(cfg)
     _validate_mamba(cfg.mamba)
+    _validate_mamba2(cfg)
+    _validate_attention_variants(cfg)
+    _validate_ffn_activation(cfg)
     _validate_moe(cfg.moe)
 
 
@@ -216,6 +234,49 @@ def _validate_mamba(m: MambaConfig) -> None:
     if m.scan not in MAMBA_SCANS:
         raise ConfigError(
             "model.mamba.scan", f"must be one of {'|'.join(MAMBA_SCANS)}, got {m.scan!r}"
+        )
+
+
+def _validate_mamba2(cfg: ModelConfig) -> None:
+    m = cfg.mamba2
+    for key in ("d_state", "head_dim", "expand", "n_groups", "chunk_size", "d_conv"):
+        if getattr(m, key) <= 0:
+            raise ConfigError(f"model.mamba2.{key}", f"must be positive, got {getattr(m, key)}")
+    table = cfg.symbol_table()
+    if "mamba2" not in {table[symbol][1] for symbol in cfg.layers}:
+        return  # the shape rules below only bind models that build a Mamba-2 mixer
+    d_inner = m.expand * cfg.d_model
+    if d_inner % m.head_dim:
+        raise ConfigError(
+            "model.mamba2.head_dim",
+            f"must divide expand * d_model = {d_inner}, got {m.head_dim}",
+        )
+    if (d_inner // m.head_dim) % m.n_groups:
+        raise ConfigError(
+            "model.mamba2.n_groups",
+            f"must divide the number of heads {d_inner // m.head_dim}, got {m.n_groups}",
+        )
+
+
+def _validate_attention_variants(cfg: ModelConfig) -> None:
+    a = cfg.attention
+    if a.window is not None and a.window <= 0:
+        raise ConfigError("model.attention.window", f"must be positive or null, got {a.window}")
+    if a.name == "sliding_window" and a.window is None:
+        raise ConfigError("model.attention.window", "sliding_window attention needs a window")
+    for key in ("block_size", "stride"):
+        if getattr(a, key) <= 0:
+            raise ConfigError(f"model.attention.{key}", f"must be positive, got {getattr(a, key)}")
+
+
+def _validate_ffn_activation(cfg: ModelConfig) -> None:
+    from arch.layers_registry import ACTIVATIONS  # late: the registries import this module
+
+    if cfg.ffn_activation not in ACTIVATIONS:
+        raise ConfigError(
+            "model.ffn_activation",
+            f"unknown activation {cfg.ffn_activation!r}; choose one of: "
+            f"{', '.join(ACTIVATIONS.names())}",
         )
 
 

@@ -7,6 +7,8 @@
   [B, heads, T, head_dim] tensors, k/v possibly with fewer (grouped) heads; causal.
 - ``residual``: a ``ResidualUpdate`` subclass (see ``arch.residual``): how a sub-layer's output
   updates the residual-stream state.
+- ``activation``: an ``arch.mlp.Activation(fn, gated)`` used by the MLP and the MoE experts
+  (``model.ffn_activation``); gated ones multiply ``fn(w1 x)`` by ``w3 x``.
 - ``preconditioner``: ``fn(linear: nn.Linear, cfg: PreconditionerConfig) -> nn.Module``, a
   weight re-parameterisation wrapped around a projection.
 """
@@ -20,3 +22,4 @@ FFNS: Registry = Registry("ffn", "channel mixers for pattern symbols (mlp, moe, 
 ATTENTION: Registry = Registry("attention", "attention kernels used by the attention mixer")
 RESIDUALS: Registry = Registry("residual", "residual-stream updates (plain, heavy_ball, tmm, ...)")
 PRECONDITIONERS: Registry = Registry("preconditioner", "weight re-parameterisations (none, pc)")
+ACTIVATIONS: Registry = Registry("activation", "FFN activations (swiglu, gelu, relu, relu2)")

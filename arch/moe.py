@@ -23,7 +23,8 @@ them), averaged over the MoE sub-layers, then weighted:
   `z_loss_weight`.
 Diagnostics: `moe/balance` (the unweighted aux loss), `moe/load/L{i}` (each expert's share of
 the top-k assignments of sub-layer i, summing to 1; balanced = 1/E) and, with a capacity,
-`moe/dropped` (share of assignments dropped).
+`moe/dropped` (share of assignments dropped). Each expert is an `arch.mlp.MLP` with
+`model.ffn_activation`, so experts also report `ffn/zero_fraction/L{i}` (averaged over experts).
 """
 
 from __future__ import annotations
@@ -37,12 +38,12 @@ from torch import nn
 from arch.aux_losses import AuxRecorder, active_recorder
 from arch.config import ModelConfig
 from arch.layers_registry import FFNS
-from arch.mlp import SwiGLU
+from arch.mlp import MLP
 
 
 @FFNS.register("moe")
 class MoE(nn.Module):
-    """Top-k mixture of SwiGLU experts, softmax router, dropless or capacity (model.moe)."""
+    """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -52,7 +53,7 @@ class MoE(nn.Module):
         hidden = cfg.ffn_hidden_size if m.expert_hidden is None else m.expert_hidden
         # A plain Linear: routing is computed in fp32 from the raw weight, never preconditioned.
         self.router = nn.Linear(cfg.d_model, m.num_experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLU(cfg, layer_index, hidden) for _ in range(m.num_experts))
+        self.experts = nn.ModuleList(MLP(cfg, layer_index, hidden) for _ in range(m.num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], top-k weights [T, k], top-k expert ids [T, k]), all fp32."""

@@ -20,7 +20,8 @@ from arch.registry import UserError
 _FIX = "prepare the data again (hybridtron prepare-data --overwrite) or restore the file"
 
 
-def _xxh64(path: Path) -> str:
+def file_xxh64(path: Path) -> str:
+    """xxh64 of a file's bytes, read in 4 MiB chunks (shards and checkpoints use it)."""
     h = xxhash.xxh64()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -30,7 +31,9 @@ def _xxh64(path: Path) -> str:
 
 def _matches(path: Path, entry: dict) -> bool:
     expected = entry.get("hashes", {}).get("xxh64")
-    return path.stat().st_size == entry["bytes"] and (expected is None or _xxh64(path) == expected)
+    return path.stat().st_size == entry["bytes"] and (
+        expected is None or file_xxh64(path) == expected
+    )
 
 
 def verify_split(split_dir: Path) -> int:

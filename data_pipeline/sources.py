@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from arch.registry import UserError
+from data_pipeline.integrity import file_xxh64
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -161,14 +160,7 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
 
 def hash_files(files: list[Path]) -> list[dict]:
     """Path, size and xxh64 of each file: what makes a prepared data set reproducible."""
-    out = []
-    for path in files:
-        h = xxhash.xxh64()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        out.append({"path": str(path), "bytes": path.stat().st_size, "xxh64": h.hexdigest()})
-    return out
+    return [{"path": str(p), "bytes": p.stat().st_size, "xxh64": file_xxh64(p)} for p in files]
 
 
 def read_documents(

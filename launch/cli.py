@@ -23,6 +23,8 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
   hybridtron train-tokenizer [INPUT ...] --output DIR   train a byte-level BPE tokenizer
   hybridtron merge-pc CKPT OUT                   fold PC-layer weights into plain ones
+  hybridtron import-hf HF_DIR OUT                Hugging Face Llama/Mixtral/Jamba -> run directory
+  hybridtron export-hf CKPT OUT                  checkpoint -> Hugging Face config.json + safetensors
   hybridtron registry list [KIND]                every plugin with its one-line doc
 
 CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
@@ -138,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
     )
     p.add_argument("out", metavar="OUT", help="new run directory for the merged checkpoint")
+
+    p = sub.add_parser(
+        "import-hf",
+        help="import a Hugging Face Llama / Mixtral / Jamba model",
+        description="Convert a local Hugging Face directory (config.json + *.safetensors) of "
+        "LlamaForCausalLM, MixtralForCausalLM or JambaForCausalLM into a run directory OUT "
+        "(config.yaml + checkpoints/step_00000000) with identical logits.",
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR", help="local Hugging Face model directory")
+    p.add_argument("out", metavar="OUT", help="new run directory")
+
+    p = sub.add_parser(
+        "export-hf",
+        help="export a checkpoint as a Hugging Face model",
+        description="Write OUT/config.json + OUT/model.safetensors that transformers loads "
+        "(AutoModelForCausalLM): Llama for '*-' patterns, Mixtral for '*E', Jamba when Mamba "
+        "layers are present.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
+    )
+    p.add_argument("out", metavar="OUT", help="output directory")
 
     p = sub.add_parser("registry", help="list plugins", description="List registered plugins.")
     reg = p.add_subparsers(dest="registry_command", metavar="list")
@@ -318,6 +342,22 @@ def cmd_merge_pc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from launch.hf_interop import import_hf
+
+    path = import_hf(args.hf_dir, args.out)
+    print(f"imported {args.hf_dir} -> {path}; evaluate: hybridtron eval {path}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from launch.hf_interop import export_hf
+
+    path = export_hf(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {path} (AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from data_pipeline import DATASETS, DataConfig, train_bpe
     from data_pipeline.sources import IngestReport
@@ -358,6 +398,8 @@ COMMANDS = {
     "prepare-data": cmd_prepare_data,
     "train-tokenizer": cmd_train_tokenizer,
     "merge-pc": cmd_merge_pc,
+    "import-hf": cmd_import_hf,
+    "export-hf": cmd_export_hf,
     "registry": cmd_registry,
 }
 

@@ -255,7 +255,7 @@ def test_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, tiny_d
     manifest = json.loads(manifest_file.read_text())
     manifest["files"]["config.yaml"] = {
         "bytes": config_file.stat().st_size,
-        "xxh64": ckpt._file_digest(config_file),
+        "xxh64": ckpt.file_xxh64(config_file),
     }
     manifest_file.write_text(json.dumps(manifest))
     result = Trainer(tiny_config(run, tiny_data, max_steps=8)).fit()

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from arch.registry import UserError
+from data_pipeline.integrity import file_xxh64
 
 FORMAT = "hybridtron-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -45,14 +45,6 @@ class CheckpointError(UserError):
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _file_digest(path: Path) -> str:
-    h = xxhash.xxh64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -98,7 +90,7 @@ def save_checkpoint(
     if write_extra is not None:
         write_extra(tmp)
     files = {
-        p.name: {"bytes": p.stat().st_size, "xxh64": _file_digest(p)} for p in sorted(tmp.iterdir())
+        p.name: {"bytes": p.stat().st_size, "xxh64": file_xxh64(p)} for p in sorted(tmp.iterdir())
     }
     manifest = {"format": FORMAT, "step": step, "files": files}
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
@@ -156,7 +148,7 @@ def verify_checkpoint(path: str | Path) -> Checkpoint:
                 f"checkpoint {path}: {name} is {size} bytes, the manifest says {expected['bytes']} "
                 f"(truncated?); resume from another checkpoint"
             )
-        if _file_digest(file) != expected["xxh64"]:
+        if file_xxh64(file) != expected["xxh64"]:
             raise CheckpointError(
                 f"checkpoint {path}: {name} does not match its xxh64 in the manifest (corrupt); "
                 f"resume from another checkpoint"

@@ -182,8 +182,10 @@ class Trainer:
             module.optimizer.load_state_dict(resume.optimizer_state())
             state = resume.trainer_state()
             step, tokens = state["step"], state["tokens"]
-            loader.load_state_dict(state["data"])
-            set_rng_state(state["rng"])
+            if "data" in state:  # imported weights (import-hf, merge-pc) start the data afresh
+                loader.load_state_dict(state["data"])
+            if "rng" in state:
+                set_rng_state(state["rng"])
             self.log(f"[resume] from {resume.path} at step {step}")
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
