@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -260,3 +261,21 @@ def test_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, tiny_d
     manifest_file.write_text(json.dumps(manifest))
     result = Trainer(tiny_config(run, tiny_data, max_steps=8)).fit()
     assert result.resumed_from.name == "step_00000006" and result.step == 8
+
+
+def test_a_second_preemption_signal_acts_at_once():
+    # The first signal asks the loop to checkpoint at the end of the step; if the step cannot
+    # finish (a stalled read), the second one must not be swallowed too.
+    from trainer.loop import PreemptionWatcher
+
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        watcher = PreemptionWatcher()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watcher.requested and watcher.signal_name == "SIGUSR1" and received == []
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert received == [signal.SIGUSR1]  # handed to what was installed before
+        watcher.restore()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

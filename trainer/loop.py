@@ -62,7 +62,8 @@ class PreemptionWatcher:
     """Turns SIGTERM / SIGUSR1 (what schedulers send before killing a job) into a flag.
 
     The loop finishes the step it is in, writes a checkpoint and stops, so a pre-empted job loses
-    at most one step and resumes exactly. Only the main thread can install handlers.
+    at most one step and resumes exactly. A second signal acts at once (the default action), for
+    a step that cannot finish. Only the main thread can install handlers.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -76,6 +77,10 @@ class PreemptionWatcher:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
+        if self.requested:  # a second signal: the step is not finishing (e.g. a stalled read)
+            self.restore()
+            signal.raise_signal(signum)
+            return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
