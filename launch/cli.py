@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", metavar="PATH", help="prepared data directory (default: the run's data.path)"
     )
     p.add_argument(
-        "--samples", type=int, default=256, help="held-out samples to evaluate (default 256)"
+        "--samples",
+        type=int,
+        default=None,
+        help="held-out samples to evaluate (default: the run's trainer.eval_batches x "
+        "micro_batch_size, so the figure matches the eval/loss it logged)",
     )
 
     p = sub.add_parser(
@@ -250,7 +254,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data:
         cfg.data.path = args.data
     check_prepared(cfg.data, cfg.trainer.seq_len, cfg.model.vocab_size)
-    samples = load_eval_set(cfg.data, args.samples)
+    count = args.samples or cfg.trainer.eval_batches * cfg.trainer.micro_batch_size
+    samples = load_eval_set(cfg.data, count)
     eos_id = None
     if cfg.data.document_masking:
         from data_pipeline.tokenizers import load_tokenizer
