@@ -98,13 +98,19 @@ def _encode_batch(texts: list[str]) -> list[tuple[int, list[int]]]:
     return [(len(t), i) for t, i in zip(texts, ids, strict=True)]
 
 
-def _batched(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+def _batched(
+    docs: Iterator[str], max_docs: int = 64, max_chars: int = 1 << 18
+) -> Iterator[list[str]]:
+    """Work units for the tokenizer processes: up to ``max_docs`` documents or ``max_chars``
+    characters, so a corpus of a few large files still spreads over the workers."""
     batch: list[str] = []
+    chars = 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == size:
+        chars += len(doc)
+        if len(batch) == max_docs or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -116,7 +122,7 @@ def encode_documents(
 
     ``imap`` keeps the input order, so the shards are identical for any number of workers.
     """
-    batches = _batched(docs, 32)
+    batches = _batched(docs)
     if workers == 1:
         _init_worker(cfg.tokenizer, cfg.tokenizer_path)
         for texts in batches:
@@ -125,7 +131,7 @@ def encode_documents(
     ctx = multiprocessing.get_context("fork")
     init = (cfg.tokenizer, cfg.tokenizer_path)
     with ctx.Pool(workers, initializer=_init_worker, initargs=init) as pool:
-        for encoded in pool.imap(_encode_batch, batches, chunksize=4):
+        for encoded in pool.imap(_encode_batch, batches):
             yield from encoded
 
 
