@@ -161,7 +161,7 @@ def test_every_recipe_loads_validates_and_keeps_its_values(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_resolved_yaml_round_trips(recipe, tmp_path):
-    cfg = load_config(str(recipe), ["trainer.max_steps=77"])
+    cfg = load_config(str(recipe), ["trainer.max_steps=7777"])
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(to_yaml(cfg))
     assert load_config(str(dumped), []) == cfg
