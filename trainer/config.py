@@ -55,6 +55,7 @@ class TrainerConfig:
     resume_from: str | None = None  # or from this checkpoint directory
     progress: bool = True  # progress bar on stderr
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    peak_tflops: float | None = None  # device peak for MFU (None: a table of known GPUs; CPU: none)
 
 
 @dataclass
@@ -119,6 +120,8 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
     }.items():
         if value < 0:
             raise ConfigError(key, f"must be >= 0, got {value}")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ConfigError("trainer.peak_tflops", f"must be positive or null, got {t.peak_tflops}")
     if t.threads is not None and t.threads <= 0:
         raise ConfigError("trainer.threads", f"must be positive or null, got {t.threads}")
     if t.stop_at_step is not None and not 0 < t.stop_at_step <= t.max_steps:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arch.config import ModelConfig
+from arch.flops import peak_tflops, training_flops_per_token
 from arch.registry import UserError
 from data_pipeline import (
     build_train_loader,
@@ -176,6 +177,8 @@ class Trainer:
         resume = self._resume_point()
 
         module = TrainModule(cfg)
+        self.train_flops_per_token = training_flops_per_token(module.model, t.seq_len)
+        self.peak_tflops = peak_tflops(t.peak_tflops)
         if cfg.data.document_masking:
             module.eos_id = self.tokenizer.eos_id
         loader = build_train_loader(cfg.data, t.micro_batch_size)
@@ -201,7 +204,8 @@ class Trainer:
             self.log(
                 f"[model] {module.num_params / 1e6:.2f}M parameters, pattern {cfg.model.pattern!r}; "
                 f"data {manifest['splits']['train']['tokens'] / 1e6:.1f}M train tokens; "
-                f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches)"
+                f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches); "
+                f"{self.train_flops_per_token / 1e6:.1f} MFLOP per token (fwd+bwd)"
             )
         result = TrainResult(
             run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None
@@ -236,6 +240,7 @@ class Trainer:
                             "grad_norm": out.grad_norm,
                             "tokens": tokens,
                             "tokens_per_s": tps,
+                            **self._perf(tokens, tps),
                             **out.metrics,  # e.g. MoE aux losses and expert loads
                         },
                     )
@@ -267,6 +272,14 @@ class Trainer:
         result.plot = plot_losses(self.run_dir)
         result.step = step
         return result
+
+    def _perf(self, tokens: int, tokens_per_s: float) -> dict[str, float]:
+        """Training FLOPs so far (to plot loss against compute), TFLOP/s and, with a peak, MFU."""
+        tflops = tokens_per_s * self.train_flops_per_token / 1e12
+        perf = {"flops": tokens * self.train_flops_per_token, "perf/tflops_per_s": tflops}
+        if self.peak_tflops:
+            perf["perf/mfu"] = tflops / self.peak_tflops
+        return perf
 
     def _batches(self, loader) -> Iterator[torch.Tensor]:
         """Micro-batches forever: a new epoch starts when the shards run out."""
