@@ -64,3 +64,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         text=True,
         timeout=timeout,
     )
+
+
+def assert_packed_equals_documents_alone(model, eos: int, vocab: int = 50) -> None:
+    """A sample packing two documents gives, with doc_ids, the logits of each document run
+    alone; without doc_ids the second document sees the first."""
+    import torch
+
+    from arch.documents import document_ids
+
+    torch.manual_seed(1)
+    first = torch.cat([torch.randint(1, vocab, (1, 6)), torch.tensor([[eos]])], dim=1)
+    second = torch.randint(1, vocab, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    with torch.no_grad():
+        together = model(packed, doc_ids=document_ids(packed, eos))
+        alone = torch.cat([model(first), model(second)], dim=1)
+        leaky = model(packed)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    assert (leaky[:, first.shape[1] :] - alone[:, first.shape[1] :]).abs().max() > 1e-4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_packed_equals_documents_alone, tiny_config
 
 from arch import ModelConfig, build_model
 from arch.config import MambaConfig
@@ -31,17 +31,7 @@ def test_packed_sample_equals_documents_alone(pattern, attention):
                       mamba=MambaConfig(d_state=4, scan="cpu"))  # fmt: skip
     cfg.attention.name = attention
     cfg.moe.num_experts, cfg.moe.top_k = 4, 2
-    model = build_model(cfg, seed=0).eval()
-    torch.manual_seed(1)
-    first = torch.cat([torch.randint(1, 50, (1, 6)), torch.tensor([[EOS]])], dim=1)
-    second = torch.randint(1, 50, (1, 9))
-    packed = torch.cat([first, second], dim=1)
-    with torch.no_grad():
-        together = model(packed, doc_ids=document_ids(packed, EOS))
-        alone = torch.cat([model(first), model(second)], dim=1)
-        leaky = model(packed)  # without doc_ids the second document sees the first
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    assert (leaky[:, 7:] - alone[:, 7:]).abs().max() > 1e-4
+    assert_packed_equals_documents_alone(build_model(cfg, seed=0).eval(), EOS)
 
 
 def test_scan_reset_gradients_match_the_reference_loop():

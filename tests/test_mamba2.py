@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_packed_equals_documents_alone, tiny_config
 
 from arch import ModelConfig, build_model, validate_model_config
 from arch.config import Mamba2Config
-from arch.documents import document_ids
 from arch.mamba2 import Mamba2, ssd_chunked, ssd_sequential
 from arch.registry import ConfigError
 from trainer import Trainer
@@ -90,17 +89,7 @@ def test_mixer_is_causal(n_groups):
 def test_packed_sample_equals_documents_alone():
     cfg = mamba2_cfg()
     cfg.pattern = "S-S-"
-    model = build_model(cfg, seed=0).eval()
-    torch.manual_seed(1)
-    first = torch.cat([torch.randint(1, 50, (1, 6)), torch.tensor([[EOS]])], dim=1)
-    second = torch.randint(1, 50, (1, 9))
-    packed = torch.cat([first, second], dim=1)
-    with torch.no_grad():
-        together = model(packed, doc_ids=document_ids(packed, EOS))
-        alone = torch.cat([model(first), model(second)], dim=1)
-        leaky = model(packed)
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-    assert (leaky[:, 7:] - alone[:, 7:]).abs().max() > 1e-4
+    assert_packed_equals_documents_alone(build_model(cfg, seed=0).eval(), EOS)
 
 
 @pytest.mark.parametrize(
