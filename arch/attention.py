@@ -1,18 +1,46 @@
-"""The attention mixer (`*`) and its kernels (registry `attention`)."""
+"""The attention mixer (`*`) and its kernels (registry `attention`).
+
+Incremental decoding (`Attention.step`, see `arch.cache`) needs each kernel's pattern as a
+function of absolute positions: `POSITION_MASKS` maps a kernel name to ``allowed(cfg, q_pos,
+k_pos) -> [Tq, Tk] bool`` and how many past keys the cache must keep (None: all). A kernel
+without an entry cannot be stepped, so `generate` falls back to full recomputation.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arch.cache import KVCache
 from arch.config import AttentionConfig, ModelConfig
 from arch.documents import attention_mask
 from arch.layers_registry import ATTENTION, MIXERS
 from arch.preconditioner import make_linear
 from arch.rope import apply_rope, rope_cos_sin
+
+
+@dataclass(frozen=True)
+class PositionMask:
+    """A kernel's pattern over absolute positions, for cached decoding."""
+
+    allowed: Callable[[AttentionConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+    keep: Callable[[AttentionConfig], int | None] = lambda cfg: None  # past keys to keep
+
+
+def causal_allowed(cfg: AttentionConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[Tq, Tk] bool: key position <= query position."""
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+POSITION_MASKS: dict[str, PositionMask] = {
+    "sdpa": PositionMask(causal_allowed),
+    "eager": PositionMask(causal_allowed),
+}
 
 
 @ATTENTION.register("sdpa")
@@ -71,6 +99,11 @@ class Attention(nn.Module):
         self.wv = make_linear(cfg, cfg.d_model, kv_dim, "wv")
         self.wo = make_linear(cfg, cfg.d_model, cfg.d_model, "wo")
 
+    @property
+    def supports_cache(self) -> bool:
+        """Cached decoding needs the kernel's pattern over positions (`POSITION_MASKS`)."""
+        return self.cfg.name in POSITION_MASKS
+
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -84,3 +117,42 @@ class Attention(nn.Module):
         else:  # kernels that support packed documents take doc_ids
             out = self.kernel(q, k, v, self.cfg, doc_ids=doc_ids)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+    def step(
+        self, x: torch.Tensor, entry: KVCache | None, position: int = 0
+    ) -> tuple[torch.Tensor, KVCache]:
+        """``forward`` of x [b, t, D] at absolute positions ``position ... position + t - 1``,
+        attending to the cached keys and values ``entry`` (None: a fresh sequence) as well;
+        returns (out [b, t, D], the cache with these keys appended).
+
+        Keys are cached after RoPE, so they are rotated once, at their own positions. The
+        kernel's mask (`POSITION_MASKS`) is rebuilt over the cached and new positions and the
+        attention runs through SDPA; ``sliding_window`` keeps only the last window - 1 keys,
+        ``block_sparse`` keeps them all (its strided blocks reach arbitrarily far back).
+        """
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.cfg.rope:
+            cos, sin = rope_cos_sin(
+                position + t, self.head_dim, self.cfg.rope_theta, x.device, q.dtype
+            )
+            cos, sin = cos[position:], sin[position:]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if entry is not None:
+            k = torch.cat([entry.k.to(k.dtype), k], dim=2)
+            v = torch.cat([entry.v.to(v.dtype), v], dim=2)
+        mask = POSITION_MASKS[self.cfg.name]
+        q_pos = torch.arange(position, position + t, device=x.device)
+        k_pos = torch.arange(position + t - k.shape[2], position + t, device=x.device)
+        allowed = mask.allowed(self.cfg, q_pos, k_pos)
+        gqa = k.shape[1] != q.shape[1]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+        keep = mask.keep(self.cfg)
+        if keep is not None:
+            k, v = (
+                k[:, :, k.shape[2] - min(keep, k.shape[2]) :],
+                v[:, :, v.shape[2] - min(keep, v.shape[2]) :],
+            )
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1)), KVCache(k=k, v=v)

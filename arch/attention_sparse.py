@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from arch.attention import POSITION_MASKS, PositionMask, causal_allowed
 from arch.config import AttentionConfig
 from arch.documents import attention_mask
 from arch.layers_registry import ATTENTION
@@ -70,3 +71,25 @@ def block_sparse_attention(
     """Local + strided blocks (`model.attention.block_size`, `stride`), causal, via SDPA."""
     allowed = block_sparse_mask(q.shape[-2], cfg.block_size, cfg.stride, q.device)
     return _masked_sdpa(q, k, v, allowed, doc_ids)
+
+
+# Cached decoding (`Attention.step`): the same patterns over absolute positions.
+
+
+def _sliding_window_allowed(
+    cfg: AttentionConfig, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    return causal_allowed(cfg, q_pos, k_pos) & (q_pos[:, None] - k_pos[None, :] < cfg.window)
+
+
+def _block_sparse_allowed(
+    cfg: AttentionConfig, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    bi, bj = (q_pos // cfg.block_size)[:, None], (k_pos // cfg.block_size)[None, :]
+    return causal_allowed(cfg, q_pos, k_pos) & ((bi == bj) | ((bi - bj) % cfg.stride == 0))
+
+
+POSITION_MASKS["sliding_window"] = PositionMask(
+    _sliding_window_allowed, keep=lambda cfg: cfg.window - 1
+)
+POSITION_MASKS["block_sparse"] = PositionMask(_block_sparse_allowed)

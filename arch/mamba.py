@@ -19,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arch.cache import MambaState
 from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.preconditioner import make_linear
-from arch.selective_scan import cuda_kernels, resolve_backend, selective_scan
+from arch.selective_scan import (
+    cuda_kernels,
+    resolve_backend,
+    scan_from_state,
+    selective_scan,
+)
 
 # The original Mamba's dt initialisation: dt ~ logUniform[DT_MIN, DT_MAX], floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -123,3 +129,45 @@ class Mamba(nn.Module):
             keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
         )
         return self.out_proj(y.transpose(1, 2).to(h.dtype))
+
+    def step(
+        self, h: torch.Tensor, entry: MambaState | None, position: int = 0
+    ) -> tuple[torch.Tensor, MambaState]:
+        """The recurrent form for incremental decoding: ``forward`` of h [b, t, D] continued from
+        ``entry`` (None: a fresh sequence); returns (out [b, t, D], the entry after h).
+
+        The conv is a shift register over the last d_conv - 1 inputs; then per position
+        dA = exp(delta A), state = dA state + delta B x, y = C.state + D x, gated by silu(z).
+        A prompt (t > 1) runs the same recurrence position by position (t Python steps per
+        layer, the cost of the `cpu` scan's forward; no fused-kernel prefill).
+        """
+        b, t, _ = h.shape
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, t] each
+        k = self.conv1d.weight.shape[-1]
+        if entry is None:
+            conv = x.new_zeros(b, self.d_inner, k - 1)
+            ssm = x.new_zeros(b, self.d_inner, self.d_state, dtype=torch.float32)
+        else:
+            conv, ssm = entry.conv.to(x.dtype), entry.ssm
+        window = torch.cat([conv, x], dim=-1)  # [b, d, k - 1 + t]
+        x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        if self.dt_layernorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            delta = F.softplus(delta.float() + self.dt_proj.bias.float()[:, None])
+            u = x.float()
+            y, ssm = scan_from_state(
+                u,
+                delta,
+                -torch.exp(self.A_log.float()),
+                B.transpose(1, 2).float(),
+                C.transpose(1, 2).float(),
+                ssm,
+            )
+            y = (y + u * self.D.float()[:, None]) * F.silu(z.float())
+        out = self.out_proj(y.transpose(1, 2).to(h.dtype))
+        return out, MambaState(conv=window[..., window.shape[-1] - (k - 1) :], ssm=ssm)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from arch.cache import Mamba2State
 from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
@@ -207,3 +208,44 @@ class Mamba2(nn.Module):
             y = y + self.D.float()[:, None] * x.float()
         y = self.norm(y.flatten(-2).to(h.dtype), z)
         return self.out_proj(y)
+
+    def step(
+        self, h: torch.Tensor, entry: Mamba2State | None, position: int = 0
+    ) -> tuple[torch.Tensor, Mamba2State]:
+        """The recurrent form for incremental decoding: ``forward`` of h [b, t, D] continued from
+        ``entry`` (None: a fresh sequence); returns (out [b, t, D], the entry after h).
+
+        The x|B|C conv is a shift register over its last d_conv - 1 inputs; the SSD runs as its
+        recurrence (`ssd_sequential` from a state): t Python steps per layer for a prompt.
+        """
+        b, t, _ = h.shape
+        z, xbc, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xbc = xbc.transpose(1, 2)  # [b, conv_dim, t]
+        k = self.conv1d.weight.shape[-1]
+        if entry is None:
+            conv = xbc.new_zeros(b, self.conv_dim, k - 1)
+            state = xbc.new_zeros(b, self.n_heads, self.head_dim, self.d_state, dtype=torch.float32)
+        else:
+            conv, state = entry.conv.to(xbc.dtype), entry.ssm
+        window = torch.cat([conv, xbc], dim=-1)  # [b, conv_dim, k - 1 + t]
+        xbc = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        xbc = F.silu(xbc).transpose(1, 2)
+        gn = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        x = x.unflatten(-1, (self.n_heads, self.head_dim))
+        B = _heads(B.unflatten(-1, (self.n_groups, self.d_state)), self.n_heads)
+        C = _heads(C.unflatten(-1, (self.n_groups, self.d_state)), self.n_heads)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, t, heads]
+        A = -torch.exp(self.A_log.float())
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            x, B, C = x.float(), B.float(), C.float()
+            ys = []
+            for i in range(t):
+                decay = torch.exp(dt[:, i] * A)[..., None, None]  # [b, heads, 1, 1]
+                inp = (x[:, i] * dt[:, i, :, None])[..., None] * B[:, i, :, None, :]
+                state = decay * state + inp
+                ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, i]))
+            y = torch.stack(ys, dim=1) + self.D.float()[:, None] * x
+        y = self.norm(y.flatten(-2).to(h.dtype), z)
+        out = self.out_proj(y)
+        return out, Mamba2State(conv=window[..., window.shape[-1] - (k - 1) :], ssm=state)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from arch.aux_losses import recording
+from arch.cache import InferenceCache, PerEvaluation, new_cache
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
 from arch.residual import State
@@ -29,6 +31,7 @@ class SubLayer(nn.Module):
         kind, plugin = cfg.symbol_table()[symbol]
         registry = MIXERS if kind == "mixer" else FFNS
         self.symbol = symbol
+        self.kind = kind
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.inner = registry.get(plugin)(cfg, index)
         self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
@@ -39,6 +42,38 @@ class SubLayer(nn.Module):
         if doc_ids is not None and self.takes_doc_ids:
             return self.residual(state, lambda h: self.inner(self.norm(h), doc_ids=doc_ids))
         return self.residual(state, lambda h: self.inner(self.norm(h)))
+
+    def step(self, state: State, entry: Any, position: int) -> tuple[State, Any]:
+        """`forward` for new tokens only (cached decoding, see `arch.cache`): a mixer runs its
+        ``step`` from ``entry``; an FFN, per token, runs its ``forward``. Returns (state, the
+        mixer's new entry, or None for an FFN).
+
+        A residual plugin that evaluates its oracle n > 1 times (at n points) runs the mixer
+        over n sequences in the full forward: the k-th evaluation then keeps its own entry
+        (``PerEvaluation``), as long as every step makes the same n evaluations.
+        """
+        if self.kind != "mixer":
+            return self.residual(state, lambda h: self.inner(self.norm(h))), None
+        previous = entry if isinstance(entry, PerEvaluation) else PerEvaluation([entry])
+        updated = PerEvaluation()
+
+        def oracle(h: torch.Tensor) -> torch.Tensor:
+            k = len(updated)
+            y, new = self.inner.step(
+                self.norm(h), previous[k] if k < len(previous) else None, position=position
+            )
+            updated.append(new)
+            return y
+
+        state = self.residual(state, oracle)
+        if entry is not None and len(updated) != len(previous):
+            raise RuntimeError(
+                f"residual {type(self.residual).__name__} evaluated sub-layer "
+                f"{self.residual.layer_index} {len(updated)} times in this step and "
+                f"{len(previous)} in the previous ones; cached decoding needs the same number "
+                "(use generate(..., use_cache=False))"
+            )
+        return state, updated[0] if len(updated) == 1 else updated
 
 
 class HybridLM(nn.Module):
@@ -87,6 +122,25 @@ class HybridLM(nn.Module):
         h = self.norm(state["x"])
         weight = self.embed.weight if self.head is None else self.head.weight
         # Padding rows exist for sharding only: logits cover the real vocabulary.
+        return F.linear(h, weight[: self.cfg.vocab_size])
+
+    def new_cache(self) -> InferenceCache:
+        """An empty cache for `forward_step`; CacheUnsupportedError if a sub-layer cannot step."""
+        return new_cache(self)
+
+    def forward_step(self, input_ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """Logits [B, t, vocab] of the t new tokens ``input_ids`` [B, t] that follow the
+        ``cache.position`` tokens already in ``cache`` (updated in place: entries and position).
+
+        The same logits as `forward` over the whole sequence, at these positions: prefill with
+        the prompt, then feed one token at a time. No document masking (doc_ids).
+        """
+        state = self.state_init(self.embed(input_ids), input_ids)
+        for i, layer in enumerate(self.layers):
+            state, cache.layers[i] = layer.step(state, cache.layers[i], cache.position)
+        cache.position += input_ids.shape[1]
+        h = self.norm(state["x"])
+        weight = self.embed.weight if self.head is None else self.head.weight
         return F.linear(h, weight[: self.cfg.vocab_size])
 
     def forward_with_aux(

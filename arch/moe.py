@@ -55,6 +55,12 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, m.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg, layer_index, hidden) for _ in range(m.num_experts))
 
+    @property
+    def supports_cache(self) -> bool:
+        """Dropless routing is per token, so cached decoding reuses ``forward``; with a capacity
+        a token's output depends on the other tokens of the batch (not cacheable)."""
+        return self.cfg.capacity_factor is None
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], top-k weights [T, k], top-k expert ids [T, k]), all fp32."""
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -39,6 +39,9 @@ class ResidualUpdate(nn.Module):
     # Every option the plugin reads from `model.residual.options`, with its default; None: the
     # plugin declares none and gets the options unchecked (see `arch.options`).
     option_defaults: ClassVar[dict[str, Any] | None] = None
+    # Cached decoding (`arch.cache`) runs the update on the new tokens' state only, which is
+    # exact because no stream mixes tokens; a plugin that breaks that rule sets this False.
+    supports_cache: ClassVar[bool] = True
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()

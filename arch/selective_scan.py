@@ -79,6 +79,30 @@ def scan_loop(
     return torch.stack(ys, dim=-1)
 
 
+def scan_from_state(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence continued from ``state`` h [b, d, N]: (y [b, d, l], the last state).
+
+    Inference only (incremental decoding, `Mamba.step`): delta already through its bias and
+    softplus, everything fp32. One Python step per position, as `scan_loop`; a one-token decode
+    step is one iteration, a prompt (prefill) costs l iterations per Mamba layer.
+    """
+    decay = torch.exp(delta.unsqueeze(-1) * A[:, None])  # [b, d, l, N]
+    drive = (delta * u).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(1)  # [b, d, l, N]
+    h = state
+    ys = []
+    for t in range(u.shape[-1]):
+        h = decay[:, :, t] * h + drive[:, :, t]
+        ys.append((h @ C[:, :, t].unsqueeze(-1)).squeeze(-1))
+    return torch.stack(ys, dim=-1), h
+
+
 class SelectiveScanFn(torch.autograd.Function):
     """The recurrence with a hand-written backward; all work in fp32, time-major [l, b, d, N].
 
