@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from data_pipeline.config import DataConfig, SourceConfig
 from data_pipeline.integrity import verify_split
 from data_pipeline.prepare import MANIFEST, read_manifest
 from data_pipeline.remote import fetch_file
-from data_pipeline.streaming_compat import Stream, StreamingDataLoader, StreamingDataset
+from data_pipeline.streaming_compat import Stream, StreamingDataLoader, StreamingDataset, World
 from data_pipeline.tokenizers import TOKENIZER_FILE, load_tokenizer
 
 
@@ -23,6 +24,19 @@ class TokenDataset(StreamingDataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(super().__getitem__(index)["tokens"].astype("int64"))
+
+
+class TokenLoader(StreamingDataLoader):
+    """StreamingDataLoader whose position counts the ranks the samples are partitioned over.
+
+    Streaming multiplies the samples this rank yielded by the number of processes; with the
+    partition over data-parallel ranks (`_partition_by_data_rank`) the right factor is the
+    number of data-parallel ranks (for ``replication`` it is the same as streaming's).
+    """
+
+    def state_dict(self) -> dict | None:
+        num_samples = self.num_samples_yielded * self.dataset._parallel_rank_world.num_ranks
+        return self.dataset.state_dict(num_samples, False)
 
 
 def data_tokenizer(cfg: DataConfig):
@@ -74,7 +88,12 @@ def _check_source(cfg: DataConfig, source: SourceConfig, seq_len: int, vocab_siz
 
 
 def _dataset(
-    cfg: DataConfig, split: str, batch_size: int, shuffle: bool, replication: int = 1
+    cfg: DataConfig,
+    split: str,
+    batch_size: int,
+    shuffle: bool,
+    replication: int = 1,
+    data_parallel: tuple[int, int] | None = None,
 ) -> TokenDataset:
     sources = cfg.resolved_sources()
     total = sum(s.weight for s in sources)
@@ -111,19 +130,46 @@ def _dataset(
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         where = ", ".join(s.path for s in sources)
         raise UserError(f"cannot open the {split} shards in {where}: {exc}") from None
+    if data_parallel is not None:
+        _partition_by_data_rank(dataset, *data_parallel)
     return dataset
 
 
+def _partition_by_data_rank(dataset: TokenDataset, data_rank: int, data_world: int) -> None:
+    """Partition samples over the data-parallel ranks only, whatever the process's rank.
+
+    Streaming partitions over consecutive process ranks (``replication`` groups neighbours), but
+    in Megatron's rank order the pipeline peers of a data-parallel rank are not neighbours. Every
+    process still coordinates shared memory as itself (``_unique_rank_world``); only the world
+    it iterates as (``_parallel_rank_world``) becomes rank ``data_rank`` of ``data_world``, so
+    all tensor- and pipeline-parallel peers read identical batches, on any node layout.
+    """
+    ranks_per_node = dataset._unique_rank_world.ranks_per_node
+    nodes = data_world // ranks_per_node if data_world % ranks_per_node == 0 else 1
+    workers = dataset._unique_rank_world.workers_per_rank
+    dataset._parallel_rank_world = World(
+        num_nodes=nodes,
+        ranks_per_node=data_world // nodes,
+        workers_per_rank=workers,
+        worker=data_rank * workers,
+    )
+    dataset.length = math.ceil(dataset.epoch_size / data_world)
+
+
 def build_train_loader(
-    cfg: DataConfig, micro_batch_size: int, replication: int = 1
+    cfg: DataConfig,
+    micro_batch_size: int,
+    replication: int = 1,
+    data_parallel: tuple[int, int] | None = None,
 ) -> StreamingDataLoader:
     """The training stream for this rank.
 
-    Streaming partitions samples over the processes; ``replication`` consecutive ranks (the
-    tensor-parallel peers, fastest in the rank order) receive identical batches.
+    Streaming partitions samples over the processes; ``replication`` consecutive ranks receive
+    identical batches. ``data_parallel=(rank, world)`` partitions over data-parallel ranks
+    instead, so every tensor- and pipeline-parallel peer of a rank reads its batches.
     """
-    dataset = _dataset(cfg, "train", micro_batch_size, cfg.shuffle, replication)
-    return StreamingDataLoader(
+    dataset = _dataset(cfg, "train", micro_batch_size, cfg.shuffle, replication, data_parallel)
+    return TokenLoader(
         dataset,
         batch_size=micro_batch_size,
         num_workers=cfg.num_workers,

@@ -17,6 +17,7 @@ import streaming.base.shared.memory as _streaming_memory  # noqa: E402
 from streaming import MDSWriter, Stream, StreamingDataLoader, StreamingDataset  # noqa: E402
 from streaming.base.shared.memory import SharedMemory as StreamingSharedMemory  # noqa: E402
 from streaming.base.storage.download import CloudDownloader  # noqa: E402
+from streaming.base.world import World  # noqa: E402
 
 
 class _AtexitRecorder:
@@ -46,4 +47,5 @@ __all__ = [
     "StreamingDataset",
     "StreamingSharedMemory",
     "STREAMING_ATEXIT",
+    "World",
 ]

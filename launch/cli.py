@@ -26,6 +26,8 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron import-hf HF_DIR OUT                Hugging Face Llama/Mixtral/Jamba -> run directory
   hybridtron export-hf CKPT OUT                  checkpoint -> Hugging Face config.json + safetensors
   hybridtron registry list [KIND]                every plugin with its one-line doc
+  hybridtron cluster render KIND --nodes N --gpus-per-node G [CONFIG] [key=value ...]
+                                                 Slurm / KubeRay / ray up file for a multi-node run
 
 CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
 
@@ -62,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume-from", metavar="PATH", help="resume from this checkpoint directory")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="run N processes on this machine (dp x pp x tp = N; gloo on CPU, NCCL on GPU); "
+        "same as launch.nproc_per_node=N",
+    )
 
     p = sub.add_parser(
         "eval",
@@ -171,12 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     reg = p.add_subparsers(dest="registry_command", metavar="list")
     r = reg.add_parser("list", help="print every plugin name with its one-line doc")
     r.add_argument("kind", nargs="?", help="only this kind (mixer, ffn, attention, residual, ...)")
+
+    p = sub.add_parser(
+        "cluster",
+        help="render a cluster file (Slurm, KubeRay, ray up)",
+        description="Fill a template of clusters/ from the run config (cluster.* keys) and print "
+        "it: slurm (sbatch script), kuberay (RayJob manifest), ray-launcher (ray up YAML).",
+    )
+    clu = p.add_subparsers(dest="cluster_command", metavar="render")
+    c = clu.add_parser("render", help="print a filled cluster file")
+    c.add_argument("kind", metavar="KIND", help="slurm, kuberay or ray-launcher")
+    _config_args(c)
+    c.add_argument("--nodes", type=int, metavar="N", help="nodes (cluster.nodes)")
+    c.add_argument("--gpus-per-node", type=int, metavar="G", help="cluster.gpus_per_node")
+    c.add_argument("--output", metavar="FILE", help="write FILE instead of printing")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow an option (`train tiny --nproc-per-node 2 trainer.max_steps=9`).
+    if extra and isinstance(getattr(args, "args", None), list):
+        if any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -195,11 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launch.config import load_config, to_yaml
+    from trainer.parallel.grid import env_world
 
     config, overrides = _split_config(args.args)
     if args.resume_from:
         overrides.append(f"trainer.resume_from={args.resume_from}")
-    cfg = load_config(config, overrides)
+    if args.nproc_per_node is not None:
+        overrides.append(f"launch.nproc_per_node={args.nproc_per_node}")
+    world = env_world()[1]  # > 1: this process is one rank of a launch (ours, torchrun, Slurm, Ray)
+    cfg = load_config(config, overrides, world_size=world if world > 1 else None)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         import torch
@@ -210,10 +244,47 @@ def cmd_train(args: argparse.Namespace) -> int:
             n = count_parameters(build_model(cfg.model))
         print(f"# parameters: {n:,} ({n / 1e6:.2f}M)")
         return 0
+    if world > 1:
+        return _train_rank(cfg, config)
+    if cfg.launch.nproc_per_node > 1:
+        from launch.spawn import spawn
+
+        argv = ["train", *args.args]
+        if args.resume_from:
+            argv += ["--resume-from", args.resume_from]
+        return spawn(argv, cfg.launch.nproc_per_node, cfg.parallel.timeout_s, log=print)
     from trainer import Trainer
 
     result = Trainer(cfg).fit()
     _print_summary(cfg, config, result)
+    return PREEMPTED_EXIT_CODE if result.preempted else 0
+
+
+def _train_rank(cfg, config: str | None) -> int:
+    """One rank of a multi-process run: join the grid, train, report failures by rank."""
+    import logging
+
+    from trainer import Trainer
+    from trainer.parallel import watchdog
+    from trainer.parallel.grid import destroy_grid, init_grid
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    p = cfg.parallel
+    grid = init_grid(p.tensor, p.pipeline, p.timeout_s)
+    watchdog.set_prefix(grid.describe())
+    dog = watchdog.Watchdog(p.timeout_s)
+    try:
+        result = Trainer(cfg, grid=grid).fit()
+    except UserError as exc:
+        print(f"hybridtron train: {grid.describe()}: error: {exc}", file=sys.stderr, flush=True)
+        os._exit(exc.exit_code)  # peers blocked in a collective must not keep this one alive
+    except (RuntimeError, OSError) as exc:  # a collective that failed or timed out
+        print(f"hybridtron train: {watchdog.describe_failure(exc)}", file=sys.stderr, flush=True)
+        os._exit(1)
+    dog.stop()
+    if grid.is_main:
+        _print_summary(cfg, config, result)
+    destroy_grid()
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
@@ -396,6 +467,17 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from arch.registry import UsageError
+    from launch.cluster import render_command
+
+    if args.cluster_command != "render":
+        raise UsageError("usage: hybridtron cluster render KIND --nodes N --gpus-per-node G ...")
+    kind, nodes, gpus, out = args.kind, args.nodes, args.gpus_per_node, args.output
+    print(render_command(kind, args.args, nodes, gpus, out), end="" if not out else "\n")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -406,6 +488,7 @@ COMMANDS = {
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,
     "registry": cmd_registry,
+    "cluster": cmd_cluster,
 }
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arch.registry import ConfigError, UsageError
+from launch.cluster import ClusterConfig
 from trainer.config import RunConfig, validate_run_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -20,12 +21,13 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class LaunchConfig:
-    nproc_per_node: int = 1  # local processes (torchrun semantics)
+    nproc_per_node: int = 1  # local processes (torchrun semantics); --nproc-per-node N
 
 
 @dataclass
 class JobConfig(RunConfig):
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # launch/cluster.py
 
 
 def resolve_config_path(name: str) -> Path:
@@ -88,8 +90,13 @@ def parse_override(item: str) -> tuple[str, DictConfig]:
         return key, conf
 
 
-def load_config(config: str | None, overrides: list[str]) -> JobConfig:
-    """The validated job config from an optional YAML recipe and dotlist overrides."""
+def load_config(
+    config: str | None, overrides: list[str], world_size: int | None = None
+) -> JobConfig:
+    """The validated job config from an optional YAML recipe and dotlist overrides.
+
+    ``world_size``: the processes of the launch this one belongs to (None: the launch this
+    config asks for, ``launch.nproc_per_node``)."""
     cfg = OmegaConf.structured(JobConfig)
     if config:
         recipe = _load_recipe(config)
@@ -103,14 +110,21 @@ def load_config(config: str | None, overrides: list[str]) -> JobConfig:
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, "?") from None
     assert isinstance(job, JobConfig)
-    validate_job_config(job)
+    validate_job_config(job, world_size)
     return job
 
 
-def validate_job_config(cfg: JobConfig) -> None:
-    if cfg.launch.nproc_per_node != 1:
-        raise ConfigError("launch.nproc_per_node", "this build trains in one process; set it to 1")
-    validate_run_config(cfg, world_size=cfg.launch.nproc_per_node)
+def validate_job_config(cfg: JobConfig, world_size: int | None = None) -> None:
+    """Every check that can fail before a process starts, the parallel layout's included."""
+    from trainer.parallel.layout import validate_layout
+
+    if cfg.launch.nproc_per_node < 1:
+        raise ConfigError(
+            "launch.nproc_per_node", f"must be positive, got {cfg.launch.nproc_per_node}"
+        )
+    world = world_size or cfg.launch.nproc_per_node
+    validate_run_config(cfg, world_size=world)
+    validate_layout(cfg, world)
 
 
 def to_yaml(cfg: JobConfig) -> str:

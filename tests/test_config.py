@@ -235,7 +235,15 @@ def test_design_field_names_exist(key):
         (["data.shard_size_bytes=100"], "data.shard_size_bytes"),
         (["data.max_bytes=0"], "data.max_bytes"),
         (["data.num_workers=-1"], "data.num_workers"),
-        (["launch.nproc_per_node=2"], "launch.nproc_per_node"),
+        (["launch.nproc_per_node=0"], "launch.nproc_per_node"),
+        (["parallel.tensor=2"], "launch.nproc_per_node"),  # 2 ranks needed, 1 asked for
+        (["launch.nproc_per_node=2", "parallel.tensor=2", "model.n_kv_heads=1"], "parallel.tensor"),
+        (["launch.nproc_per_node=2", "optim.name=muon"], "optim.name"),
+        (
+            ["launch.nproc_per_node=2", "parallel.pipeline=2", "model.pattern=*-|*-|*-"],
+            "parallel.pipeline",
+        ),
+        (["launch.nproc_per_node=3"], "trainer.global_batch_size"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )
@@ -385,7 +393,7 @@ def test_dry_run_prints_the_resolved_config_and_parameter_count(cli_runs):
     assert printed["optim"]["scheduler"] == "wsd"
     assert printed["trainer"]["run_dir"] == str(dry_dir)
     assert printed["data"]["path"] == "runs/data/stdlib-byte-tiny-48"
-    assert set(printed) == {"model", "data", "optim", "trainer", "parallel", "launch"}
+    assert set(printed) == {"model", "data", "optim", "trainer", "parallel", "launch", "cluster"}
     # The printed YAML is the same config load_config gives.
     cfg = load_config("tiny", [a for a in dry_args[2:] if "=" in a])
     assert printed == OmegaConf.to_container(OmegaConf.structured(cfg))

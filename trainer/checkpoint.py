@@ -54,8 +54,18 @@ class Checkpoint:
     path: Path
     step: int
     config: dict  # the resolved run config it was written with
+    layout: dict[str, int] | None = None  # tp, pp, dp of a sharded (multi-process) checkpoint
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None
 
     def model_state(self) -> dict[str, torch.Tensor]:
+        """The whole model as one process holds it, whatever layout wrote the checkpoint."""
+        if self.sharded:
+            from trainer.parallel.checkpoint import ShardedCheckpoint
+
+            return ShardedCheckpoint(self).dense_model_state()
         return load_file(self.path / MODEL_FILE)
 
     def optimizer_state(self) -> dict:
@@ -79,20 +89,37 @@ def save_checkpoint(
     ``write_extra(dir)`` adds files that travel with the weights (e.g. the tokenizer); they are
     listed in the manifest and verified like the rest.
     """
-    final = checkpoints_dir / step_dir_name(step)
-    tmp = checkpoints_dir / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = begin_checkpoint(checkpoints_dir, step)
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / MODEL_FILE)
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
     torch.save(trainer_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(config_yaml)
     if write_extra is not None:
         write_extra(tmp)
+    return finish_checkpoint(checkpoints_dir, step)
+
+
+def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
+    """A fresh ``step_N.tmp`` directory to write a checkpoint into (a stale one is removed)."""
+    tmp = checkpoints_dir / (step_dir_name(step) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish_checkpoint(
+    checkpoints_dir: Path, step: int, layout: dict[str, int] | None = None
+) -> Path:
+    """Hash every file of ``step_N.tmp`` into its manifest, rename it ``step_N``, point
+    ``latest`` at it. ``layout`` (tp, pp, dp) marks a checkpoint written as shards."""
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = checkpoints_dir / (final.name + ".tmp")
     files = {
         p.name: {"bytes": p.stat().st_size, "xxh64": file_xxh64(p)} for p in sorted(tmp.iterdir())
     }
-    manifest = {"format": FORMAT, "step": step, "files": files}
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": files}
+    if layout is not None:
+        manifest["layout"] = layout
     _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
@@ -154,7 +181,9 @@ def verify_checkpoint(path: str | Path) -> Checkpoint:
                 f"resume from another checkpoint"
             )
     config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))
-    return Checkpoint(path=path, step=int(manifest["step"]), config=config)
+    return Checkpoint(
+        path=path, step=int(manifest["step"]), config=config, layout=manifest.get("layout")
+    )
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

@@ -60,9 +60,10 @@ class TrainerConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1
-    pipeline: int = 1
-    zero_stage: int = 0
+    tensor: int = 1  # tensor-parallel size (Megatron-core layers): splits heads, d_inner, vocab
+    pipeline: int = 1  # pipeline stages (1F1B), cut at `|` in model.pattern or balanced
+    zero_stage: int = 0  # DeepSpeed ZeRO over the data-parallel group: 0 (= 1 at dp 1), 1, 2, 3
+    timeout_s: float = 600.0  # any collective or transfer that takes longer fails every rank
 
 
 @dataclass
@@ -78,6 +79,13 @@ def grad_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
     """Micro-batches per optimizer step on each rank, after checking the batch arithmetic."""
     t, p = cfg.trainer, cfg.parallel
     model_parallel = p.tensor * p.pipeline
+    if world_size < model_parallel:
+        raise ConfigError(
+            "launch.nproc_per_node",
+            f"parallel.tensor x parallel.pipeline = {p.tensor} x {p.pipeline} needs "
+            f"{model_parallel} processes (or a multiple), got {world_size}; pass "
+            f"--nproc-per-node {model_parallel}",
+        )
     if world_size % model_parallel:
         raise ConfigError(
             "parallel.tensor",

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from arch.config import ModelConfig
-from arch.flops import peak_tflops, training_flops_per_token
+from arch.flops import peak_tflops
 from arch.registry import UserError
 from data_pipeline import (
     build_train_loader,
@@ -91,18 +91,33 @@ class PreemptionWatcher:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, log=print) -> None:
+    """Drives a TrainModule; with a ``grid`` (a multi-process launch) the distributed one, and
+    then only global rank 0 logs, plots and writes the shared checkpoint files."""
+
+    def __init__(self, cfg: RunConfig, *, log=print, grid=None) -> None:
         self.cfg = cfg
-        self.log = log
+        self.grid = grid
+        self.main = grid is None or grid.is_main
+        self.log = log if self.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.trainer.run_dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.accum = grad_accumulation_steps(cfg, world_size=1)
+        self.accum = grad_accumulation_steps(cfg, world_size=grid.world if grid else 1)
 
     # ---- set-up -------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.grid is not None:
+            import torch.distributed as dist
+
+            from trainer.parallel.watchdog import operation
+
+            with operation("barrier"):
+                dist.barrier()
+
     def _ensure_data(self) -> dict:
         data = self.cfg.data
         if (
-            not (Path(data.path) / MANIFEST).exists()
+            self.main
+            and not (Path(data.path) / MANIFEST).exists()
             and data.prepare_if_missing
             and not data.remote
             and not data.sources
@@ -119,6 +134,7 @@ class Trainer:
                 f"{m['splits']['train']['samples']} train / {m['splits']['eval']['samples']} eval samples "
                 f"in {m['seconds']} s"
             )
+        self._barrier()  # the other ranks wait for rank 0 to prepare the data
         return check_prepared(data, self.cfg.trainer.seq_len, self.cfg.model.vocab_size)
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
@@ -176,41 +192,44 @@ class Trainer:
         self.tokenizer = data_tokenizer(cfg.data)  # saved into every checkpoint
         resume = self._resume_point()
 
-        module = TrainModule(cfg)
-        self.train_flops_per_token = training_flops_per_token(module.model, t.seq_len)
+        module = self._build_module(resume)
+        self.train_flops_per_token = module.train_flops_per_token
         self.peak_tflops = peak_tflops(t.peak_tflops)
         if cfg.data.document_masking:
             module.eos_id = self.tokenizer.eos_id
-        loader = build_train_loader(cfg.data, t.micro_batch_size)
+        g = self.grid
+        loader = build_train_loader(
+            cfg.data, t.micro_batch_size, data_parallel=(g.dp_rank, g.dp) if g else None
+        )
         eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
         step, tokens = 0, 0
         if resume is not None:
-            self._check_compatible(resume)
-            module.model.load_state_dict(resume.model_state(), strict=True)
-            module.optimizer.load_state_dict(resume.optimizer_state())
             state = resume.trainer_state()
             step, tokens = state["step"], state["tokens"]
             if "data" in state:  # imported weights (import-hf, merge-pc) start the data afresh
                 loader.load_state_dict(state["data"])
-            if "rng" in state:
-                set_rng_state(state["rng"])
-            self.log(f"[resume] from {resume.path} at step {step}")
+            rng = self._rng_of(resume, state)
+            if rng is not None:
+                set_rng_state(rng)
+            self.log(f"[resume] from {resume.path} at step {step}{self._layout_change(resume)}")
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
-        metrics = MetricsLogger(self.run_dir, step)
-        if step == 0:
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_yaml(cfg))
+        metrics = MetricsLogger(self.run_dir, step) if self.main else NullMetrics()
+        if step == 0 and self.main:
             metrics.text("config", "```\n" + config_yaml(cfg) + "\n```")
             self.log(
                 f"[model] {module.num_params / 1e6:.2f}M parameters, pattern {cfg.model.pattern!r}; "
                 f"data {manifest['splits']['train']['tokens'] / 1e6:.1f}M train tokens; "
                 f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches); "
                 f"{self.train_flops_per_token / 1e6:.1f} MFLOP per token (fwd+bwd)"
+                + (f"; {g.world} processes: dp {g.dp} x pp {g.pp} x tp {g.tp}" if g else "")
             )
         result = TrainResult(
             run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None
         )
-        bar = ProgressBar(t.max_steps, step, t.progress)
+        bar = ProgressBar(t.max_steps, step, t.progress and self.main, quiet=not self.main)
         batches = self._batches(loader)
         tokens_per_step = t.global_batch_size * t.seq_len
         window_start, window_tokens = time.perf_counter(), 0
@@ -219,7 +238,12 @@ class Trainer:
         try:
             while step < stop:
                 lr = lr_at(step, t.max_steps, cfg.optim)
-                out = module.train_step([next(batches) for _ in range(self.accum)], lr)
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                if g is None:
+                    out = module.train_step(micro_batches, lr)
+                else:  # aux metrics are gathered over the ranks only when they are logged
+                    logged = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == stop
+                    out = module.train_step(micro_batches, lr, gather_metrics=logged)
                 step, tokens = step + 1, tokens + tokens_per_step
                 window_tokens += tokens_per_step
                 result.losses[step] = out.loss
@@ -250,13 +274,10 @@ class Trainer:
                     result.eval_loss = module.eval_loss(eval_set, t.micro_batch_size)
                     metrics.log(step, {"eval/loss": result.eval_loss})
                     bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
-                if (
-                    last
-                    or preemption.requested
-                    or (t.checkpoint_every and step % t.checkpoint_every == 0)
-                ):
+                preempted = self._agreed(preemption.requested)
+                if last or preempted or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     result.last_checkpoint = self._save(module, loader, step, tokens)
-                if preemption.requested and not last:
+                if preempted and not last:
                     result.preempted = True
                     bar.write(
                         f"[preempted] {preemption.signal_name} at step {step}: checkpoint "
@@ -269,7 +290,7 @@ class Trainer:
             metrics.close()
             batches.close()
             release_loader(loader)
-        result.plot = plot_losses(self.run_dir)
+        result.plot = plot_losses(self.run_dir) if self.main else None
         result.step = step
         return result
 
@@ -277,8 +298,9 @@ class Trainer:
         """Training FLOPs so far (to plot loss against compute), TFLOP/s and, with a peak, MFU."""
         tflops = tokens_per_s * self.train_flops_per_token / 1e12
         perf = {"flops": tokens * self.train_flops_per_token, "perf/tflops_per_s": tflops}
-        if self.peak_tflops:
-            perf["perf/mfu"] = tflops / self.peak_tflops
+        if self.peak_tflops:  # the peak is per device; the throughput is the whole job's
+            devices = self.grid.world if self.grid else 1
+            perf["perf/mfu"] = tflops / (self.peak_tflops * devices)
         return perf
 
     def _batches(self, loader) -> Iterator[torch.Tensor]:
@@ -301,16 +323,93 @@ class Trainer:
                     f"{self.cfg.trainer.micro_batch_size}; use more data or a smaller micro batch"
                 )
 
-    def _save(self, module: TrainModule, loader, step: int, tokens: int) -> Path:
+    def _build_module(self, resume: ckpt.Checkpoint | None):
+        if resume is not None:
+            self._check_compatible(resume)
+        if self.grid is None:
+            module = TrainModule(self.cfg)
+            if resume is not None:
+                module.load_checkpoint(resume)
+            return module
+        from trainer.parallel.checkpoint import dense_reader
+        from trainer.parallel.train_module import ParallelTrainModule
+
+        reader = None if resume is None else dense_reader(resume, self.cfg.optim.weight_decay)
+        return ParallelTrainModule(self.cfg, self.grid, self.accum, reader)
+
+    def _rng_of(self, resume: ckpt.Checkpoint, state: dict) -> dict | None:
+        """This rank's RNG from the checkpoint: its own file when the layout is unchanged."""
+        if self.grid is None:
+            return state.get("rng")
+        from trainer.parallel.checkpoint import rng_file
+
+        own = resume.path / rng_file(self.grid.rank)
+        if resume.layout == self._layout() and own.exists():
+            return torch.load(own, weights_only=False)
+        return None  # another layout: ranks do not map one to one; keep this run's seeding
+
+    def _layout(self) -> dict[str, int]:
+        g = self.grid
+        return {"tp": g.tp, "pp": g.pp, "dp": g.dp} if g else {"tp": 1, "pp": 1, "dp": 1}
+
+    def _layout_change(self, resume: ckpt.Checkpoint) -> str:
+        theirs = resume.layout or {"tp": 1, "pp": 1, "dp": 1}
+        if theirs == self._layout():
+            return ""
+        fmt = "tp {tp} x pp {pp} x dp {dp}"
+        return f" (resharded from {fmt.format(**theirs)} to {fmt.format(**self._layout())})"
+
+    def _agreed(self, flag: bool) -> bool:
+        """A flag any rank raised (a signal may reach the ranks at different steps)."""
+        if self.grid is None:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor(float(flag))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _save(self, module, loader, step: int, tokens: int) -> Path:
         state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
-        path = ckpt.save_checkpoint(
-            self.checkpoints_dir,
-            step,
-            module.model.state_dict(),
-            module.optimizer.state_dict(),
-            state,
-            config_yaml(self.cfg),
-            write_extra=self.tokenizer.save,
-        )
-        ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
-        return path
+        if self.grid is None:
+            path = ckpt.save_checkpoint(
+                self.checkpoints_dir,
+                step,
+                module.model.state_dict(),
+                module.optimizer.state_dict(),
+                state,
+                config_yaml(self.cfg),
+                write_extra=self.tokenizer.save,
+            )
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+            return path
+        # Every rank writes its shard into step_N.tmp; rank 0 adds the shared files, hashes
+        # everything and renames the directory once all ranks are done.
+        if self.main:
+            ckpt.begin_checkpoint(self.checkpoints_dir, step)
+        self._barrier()
+        tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
+        module.save_shards(tmp)
+        if self.main:
+            torch.save(state, tmp / ckpt.STATE_FILE)
+            (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
+            self.tokenizer.save(tmp)
+        self._barrier()
+        if self.main:
+            ckpt.finish_checkpoint(self.checkpoints_dir, step, self._layout())
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+        self._barrier()
+        return self.checkpoints_dir / ckpt.step_dir_name(step)
+
+
+class NullMetrics:
+    """The metrics sink of ranks other than 0."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def text(self, tag: str, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

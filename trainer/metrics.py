@@ -58,7 +58,8 @@ class MetricsLogger:
 class ProgressBar:
     """A tqdm bar over optimizer steps showing loss, tokens/s and the ETA (on stderr)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+    def __init__(self, total: int, initial: int, enabled: bool, quiet: bool = False) -> None:
+        self.quiet = quiet  # ranks other than 0 of a multi-process run print nothing
         self.bar = tqdm(
             total=total,
             initial=initial,
@@ -79,7 +80,8 @@ class ProgressBar:
         self.bar.update(1)
 
     def write(self, message: str) -> None:
-        self.bar.write(message, file=sys.stderr)
+        if not self.quiet:
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -14,6 +14,7 @@ import torch
 from arch import build_model, count_parameters, lm_loss
 from arch.aux_losses import recording
 from arch.documents import document_ids
+from arch.flops import training_flops_per_token
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 
@@ -34,9 +35,32 @@ class TrainModule:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
+        self.train_flops_per_token = training_flops_per_token(self.model, cfg.trainer.seq_len)
         # The end-of-document token when packed documents are kept apart (data.document_masking);
         # set by the Trainer once it knows the tokenizer.
         self.eos_id: int | None = None
+
+    def load_checkpoint(self, checkpoint) -> None:
+        """Weights and optimizer state from a checkpoint: exactly as saved when one process
+        wrote it; merged from the shards of a multi-process checkpoint otherwise."""
+        self.model.load_state_dict(checkpoint.model_state(), strict=True)
+        if not checkpoint.sharded:
+            self.optimizer.load_state_dict(checkpoint.optimizer_state())
+            return
+        from trainer.parallel.checkpoint import ShardedCheckpoint
+
+        reader = ShardedCheckpoint(checkpoint)
+        step = reader.optimizer_step()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        state = self.optimizer.state_dict()
+        index = 0
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                moments = reader.moments(names[id(param)])
+                if moments:
+                    state["state"][index] = {"step": torch.tensor(float(step)), **moments}
+                index += 1
+        self.optimizer.load_state_dict(state)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return batch_loss(self.model, batch, self.cfg.trainer.precision, self.eos_id)
@@ -80,10 +104,10 @@ def post_optimizer_step(model: torch.nn.Module) -> None:
             hook()
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """bf16 autocast (master weights stay fp32) or nothing for fp32."""
     if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -1,0 +1,103 @@
+"""One rank of the layout-equivalence test (tests/test_parallel_equivalence.py).
+
+Runs several dp x pp x tp layouts one after another inside one process group (start-up dominates
+on 2 cores), each for a few optimizer steps on the same global batches, and writes the losses and
+gradient norms. Rank 0 also trains the same model in one process (the reference).
+
+    torchrun --nproc-per-node W tests/parallel_worker.py OUT.json '[{"tp": 2, "pp": 1, "zero": 1}]'
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+
+warnings.simplefilter("ignore")
+faulthandler.dump_traceback_later(240, exit=True)  # a mismatched collective hangs on gloo
+
+from arch.config import ModelConfig  # noqa: E402
+from trainer.config import RunConfig  # noqa: E402
+from trainer.parallel.grid import init_grid  # noqa: E402
+from trainer.parallel.train_module import ParallelTrainModule  # noqa: E402
+from trainer.train_module import TrainModule  # noqa: E402
+
+STEPS = 4
+MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
+
+
+def run_config(zero: int, tp: int, pp: int) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model = ModelConfig(
+        pattern="*M-E*-",  # attention, Mamba, MLP, MoE
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        ffn_hidden=64,
+    )
+    cfg.model.residual.name = "heavy_ball"
+    cfg.model.moe.num_experts = 4
+    cfg.model.moe.top_k = 2
+    cfg.trainer.seed = 7
+    cfg.trainer.micro_batch_size = MICRO
+    cfg.trainer.global_batch_size = GLOBAL
+    cfg.trainer.seq_len = SEQ
+    cfg.optim.lr = 3e-3
+    cfg.optim.grad_clip = 0.5  # small, so clipping is active and the norm must be exact
+    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage = tp, pp, zero
+    return cfg
+
+
+def global_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
+
+
+def micro_batches(batch: torch.Tensor, dp_rank: int, dp: int) -> list[torch.Tensor]:
+    """This data-parallel rank's micro-batches of a global batch (a contiguous share)."""
+    share = batch.chunk(dp)[dp_rank]
+    return list(share.split(MICRO))
+
+
+def reference() -> dict:
+    module = TrainModule(run_config(0, 1, 1))
+    out = [module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()]
+    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out]}
+
+
+def run_layout(layout: dict) -> dict:
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size() if dist.is_initialized() else None
+    tp, pp = layout["tp"], layout["pp"]
+    grid = init_grid(tp, pp, timeout_s=120)
+    cfg = run_config(layout["zero"], tp, pp)
+    accum = GLOBAL // (MICRO * grid.dp)
+    module = ParallelTrainModule(cfg, grid, accum)
+    out = [
+        module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
+    ]
+    del module
+    ps.destroy_model_parallel()
+    assert world is None or dist.get_world_size() == world
+    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out]}
+
+
+def main() -> None:
+    out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
+    results = [run_layout(layout) for layout in layouts]
+    if dist.get_rank() == 0:
+        payload = {"reference": reference(), "layouts": layouts, "results": results}
+        with open(out_path, "w") as f:
+            json.dump(payload, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

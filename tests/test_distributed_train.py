@@ -1,0 +1,154 @@
+"""`hybridtron train --nproc-per-node N`: real multi-process runs over gloo, their sharded
+checkpoints, resuming them under other layouts, and what happens when a rank dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, TINY_SEQ_LEN, run_cli
+from trainer.checkpoint import verify_checkpoint
+
+TOLERANCE = 1e-5
+# A hybrid that TP=2 can split (heads, kv heads, Mamba d_inner, MoE experts) and PP=2 can cut.
+MODEL = [
+    "model.pattern=*M|-E",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.residual.name=heavy_ball",
+    "model.moe.num_experts=4",
+]
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        f"trainer.run_dir={run_dir}",
+        f"data.path={data}",
+        "data.max_bytes=60000",
+        f"trainer.seq_len={TINY_SEQ_LEN}",
+        "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=8",
+        "trainer.max_steps=4",
+        "optim.warmup_steps=1",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint_every=2",
+        "trainer.progress=false",
+        *MODEL,
+        *extra,
+    ]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def train(data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = run_cli(*train_args(data, run_dir, *extra), env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2_run(tiny_data, tmp_path_factory) -> Path:
+    """4 steps at tp 2 x pp 2 (4 ranks), checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("dist") / "tp2pp2"
+    proc = train(
+        tiny_data, run, "parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"
+    )
+    assert "dp 1 x pp 2 x tp 2" in proc.stdout + proc.stderr
+    return run
+
+
+def test_sharded_checkpoint_layout(tp2_pp2_run):
+    ckpt = verify_checkpoint(tp2_pp2_run / "checkpoints" / "step_00000002")
+    assert ckpt.layout == {"tp": 2, "pp": 2, "dp": 1}
+    names = {p.name for p in ckpt.path.iterdir()}
+    shards = {f"shard-pp{p}-tp{t}.safetensors" for p in range(2) for t in range(2)}
+    assert shards | {f"rng-rank{r}.pt" for r in range(4)} <= names
+    dense = ckpt.model_state()  # merged from the four shards
+    assert dense["layers.1.inner.in_proj.weight"].shape[0] == 2 * 2 * 64  # [x; z], d_inner 64
+    assert set(losses(tp2_pp2_run)) == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("same layout", ["parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"]),
+        ("tp1 pp1 dp2", ["--nproc-per-node", "2"]),
+        ("one process", []),
+    ],
+    ids=lambda v: v[0],
+)
+def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, tmp_path, layout):
+    name, extra = layout
+    step2 = tp2_pp2_run / "checkpoints" / "step_00000002"
+    run = tmp_path / "resumed"
+    proc = train(tiny_data, run, f"trainer.resume_from={step2}", *extra)
+    assert "[resume]" in proc.stdout + proc.stderr
+    want, got = losses(tp2_pp2_run), losses(run)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        if name == "same layout":  # exact resume: bit for bit
+            assert got[step] == want[step]
+        else:
+            assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (name, step, got, want)
+
+
+def test_eval_accepts_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
+    step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
+    proc = run_cli("eval", str(step4))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out loss" in proc.stdout
+
+
+def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_path):
+    """SIGKILL one of two pipeline ranks mid-run: the job ends non-zero within the collective
+    timeout, the survivor names itself and the operation, the newest checkpoint is intact."""
+    run = tmp_path / "killed"
+    args = train_args(tiny_data, run, "parallel.pipeline=2", "parallel.timeout_s=10")
+    args = [a for a in args if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args, "--nproc-per-node", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "step_00000004").exists():
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        victim = next(
+            p for p in psutil.Process(job.pid).children() if p.environ().get("RANK") == "1"
+        )
+        victim.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert time.monotonic() - killed_at < 10 + 15 + 20  # timeout + grace + start-up slack
+    assert "rank 1 of 2 failed" in stderr
+    survivor = [line for line in stderr.splitlines() if "rank 0 (dp 0, pp 0, tp 0)" in line]
+    assert survivor, stderr[-3000:]
+    assert "failed" in survivor[0] or "did not finish" in survivor[0], survivor[0]
+    newest = sorted((run / "checkpoints").glob("step_????????"))[-1]
+    assert verify_checkpoint(newest).step >= 4

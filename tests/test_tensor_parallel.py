@@ -1,0 +1,194 @@
+"""Tensor parallelism (trainer.parallel.tensor_parallel): shard layouts, config checks, and a real
+2-rank gloo run (tests/tp_worker.py) comparing the TP model with the dense one exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from arch import ModelConfig
+from arch.config import Mamba2Config, MambaConfig, MoEConfig, PreconditionerConfig
+from arch.model import build_model, lm_loss
+from arch.registry import ConfigError
+from trainer.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    check_tensor_parallel,
+    is_tensor_parallel_param,
+    merge_shards,
+    parallel_cross_entropy,
+    parallel_embed,
+    parallel_forward,
+    parallel_logits,
+    split_for_rank,
+)
+
+
+def hybrid(**kw) -> ModelConfig:
+    base = dict(
+        pattern="*-M-S-*E",
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=4,
+        vocab_size=100,
+        vocab_pad_multiple=64,
+        ffn_hidden=64,
+        mamba=MambaConfig(d_state=4),
+        mamba2=Mamba2Config(d_state=8, head_dim=8, n_groups=4, chunk_size=8),
+        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+PC = PreconditionerConfig(name="pc", options={"targets": ["w1", "w2", "wo", "in_proj", "x_proj"]})
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("pc", [False, True])
+def test_split_merge_round_trip(tie, pc):
+    cfg = hybrid(tie_embeddings=tie, preconditioner=PC if pc else PreconditionerConfig())
+    model = build_model(cfg, seed=0)
+    sharded = set()
+    for size in (2, 4):
+        check_tensor_parallel(cfg, size)
+        for name, full in model.state_dict().items():
+            shards = [split_for_rank(name, full, r, size, cfg) for r in range(size)]
+            if not is_tensor_parallel_param(name, cfg):
+                assert all(s is full for s in shards), name
+                continue
+            sharded.add(name)
+            assert all(s.numel() * size == full.numel() for s in shards), name
+            assert torch.equal(merge_shards(name, shards, cfg), full), name
+    # what is split, and how the fused layouts are cut
+    for expected in (
+        "embed.weight",
+        "layers.0.inner.wk.weight",
+        "layers.2.inner.in_proj.weight",
+        "layers.2.inner.A_log",
+        "layers.2.inner.dt_proj.bias",
+        "layers.4.inner.conv1d.weight",
+        "layers.4.inner.norm.weight",
+        "layers.7.inner.experts.3.w2.weight",
+    ):
+        assert expected in {n.replace(".lin.", ".") for n in sharded}, expected
+    for replicated in ("norm.weight", "layers.7.inner.router.weight", "layers.2.norm.weight"):
+        assert replicated not in sharded and not is_tensor_parallel_param(replicated, cfg)
+    assert ("head.weight" in sharded) == (not tie)
+    step = torch.tensor(3.0)  # an optimizer's step count stays whole
+    assert split_for_rank("embed.weight", step, 1, 2, cfg) is step
+    assert merge_shards("embed.weight", [step, step], cfg) is step
+    if pc:
+        assert "layers.2.inner.in_proj.lin.weight" in sharded
+        assert not is_tensor_parallel_param("layers.1.inner.w1.gamma", cfg)
+        assert not is_tensor_parallel_param("layers.1.inner.w1.u", cfg)
+
+
+def test_fused_layouts_take_a_piece_of_every_part():
+    cfg = hybrid()
+    d, m2 = 64, cfg.mamba2
+    gn, heads = m2.n_groups * m2.d_state, d // m2.head_dim
+    rows = torch.arange(d + d).float()[:, None].expand(-1, 3)  # Mamba-1 in_proj: [x; z]
+    shard = split_for_rank("layers.2.inner.in_proj.weight", rows, 1, 2, cfg)
+    assert shard[:, 0].tolist() == list(range(32, 64)) + list(range(96, 128))
+    total = 2 * d + 2 * gn + heads  # Mamba-2 in_proj: [z, x, B, C, dt]
+    rows = torch.arange(total).float()[:, None]
+    shard = split_for_rank("layers.4.inner.in_proj.weight", rows, 0, 2, cfg)[:, 0].tolist()
+    starts = [0, d, 2 * d, 2 * d + gn, 2 * d + 2 * gn]
+    pieces = [d // 2, d // 2, gn // 2, gn // 2, heads // 2]
+    assert shard == [s + i for s, n in zip(starts, pieces, strict=True) for i in range(n)]
+    conv = torch.arange(d + 2 * gn).float()[:, None, None]  # Mamba-2 conv1d: [x, B, C]
+    shard = split_for_rank("layers.4.inner.conv1d.weight", conv, 1, 2, cfg).flatten().tolist()
+    assert shard == [
+        *range(32, 64),
+        *range(64 + gn // 2, 64 + gn),
+        *range(64 + 3 * gn // 2, 64 + 2 * gn),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (dict(n_heads=2, n_kv_heads=2, d_model=32), "model.n_heads"),
+        (dict(n_heads=4, n_kv_heads=1), "model.n_kv_heads"),
+        (dict(vocab_size=99, vocab_pad_multiple=3), "model.vocab_pad_multiple"),
+        (dict(mamba2=Mamba2Config(d_state=8, head_dim=8, n_groups=2)), "model.mamba2.n_groups"),
+        (dict(ffn_hidden=66), "model.ffn_hidden"),
+        (dict(moe=MoEConfig(num_experts=4, expert_hidden=30)), "model.moe.expert_hidden"),
+        (dict(symbols={"X": "attention"}, pattern="X-"), None),  # fine: a re-pointed symbol
+    ],
+)
+def test_check_tensor_parallel_names_the_field(overrides, key):
+    cfg = hybrid(**overrides)
+    if key is None:
+        check_tensor_parallel(cfg, 4)
+        return
+    check_tensor_parallel(cfg, 1)  # tp 1 never objects
+    with pytest.raises(ConfigError) as err:
+        check_tensor_parallel(cfg, 4)
+    assert err.value.key == key
+    assert "tensor-parallel size 4" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_check_tensor_parallel_only_checks_what_the_pattern_uses():
+    # 1 head would not split over 2 ranks, but this model has no attention.
+    check_tensor_parallel(hybrid(pattern="M-", n_heads=1, n_kv_heads=1, d_model=32), 2)
+    with pytest.raises(ConfigError, match="model.mamba.expand"):
+        check_tensor_parallel(hybrid(pattern="M-", d_model=30, mamba=MambaConfig(expand=1)), 4)
+
+
+def test_single_process_is_the_dense_model():
+    """Without a TP group (tp 1) the helpers reproduce HybridLM.forward and lm_loss exactly."""
+    cfg = hybrid(tie_embeddings=False)
+    model = build_model(cfg, seed=1)
+    assert apply_tensor_parallel(model) is model
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    logits = parallel_forward(model, ids[:, :-1])
+    assert logits.shape[-1] == cfg.vocab_size
+    assert torch.equal(logits, model(ids[:, :-1]))
+    h = torch.randn(2, 3, cfg.d_model)
+    assert torch.equal(parallel_logits(model, h), h @ model.head.weight[: cfg.vocab_size].T)
+    assert torch.equal(parallel_embed(model, ids), model.embed(ids))
+    assert torch.equal(
+        parallel_cross_entropy(logits, ids[:, 1:]), lm_loss(model(ids[:, :-1]), ids[:, 1:])
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_match_the_dense_model(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           str(REPO / "tests" / "tp_worker.py"), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert set(ranks[0]) == {
+        "hybrid_tied_heavy_ball_docs",
+        "hybrid_untied_plain_window",
+        "hybrid_pc_docs",
+    }
+    for name, res in ranks[0].items():
+        assert res["keys_equal"] and res["names_equal"], name
+        assert res["attrs_ok"], name  # Megatron's TP attributes exactly on the sharded params
+        assert res["logits_shape"] == [2, 16, 128 // 2], name
+        for dense_loss, tp_loss, rel in res["losses"]:  # before and after one AdamW step
+            assert rel < 1e-6, (name, dense_loss, tp_loss)
+        assert res["grad_max_rel"] < 5e-5, (name, res["grad_worst"])
+        assert res["replicated_grad_max_abs_diff"] == 0.0, name
+        assert res["param_after_step_max_rel"] < 2e-3, name
+        assert res["buffers_rank_max_diff"] == 0.0, name  # PC's u, v identical on every rank
+        assert res["buffers_max_abs_diff"] < 1e-4, name
+        assert ranks[1][name]["losses"] == res["losses"], name  # every rank sees the same loss
+    assert ranks[0]["hybrid_pc_docs"]["n_buffers"] > 0

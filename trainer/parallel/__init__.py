@@ -1,0 +1,1 @@
+"""Parallelism: the process grid, tensor parallelism and the pipeline schedule."""

@@ -1,0 +1,180 @@
+"""The process grid: world = dp x pp x tp, in Megatron's rank order (tp fastest, then dp, then pp).
+
+Process groups come from `megatron.core.parallel_state`; this module starts them from the
+environment any launcher sets (``hybridtron train --nproc-per-node``, torchrun, Slurm, Ray Train)
+and hands DeepSpeed the small ``mpu`` adapter it needs to see the same groups.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from arch.registry import UserError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """This process's place in the dp x pp x tp grid (global ranks of its pipeline neighbours)."""
+
+    world: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    prev_rank: int | None  # global rank of the previous pipeline stage (same dp, tp)
+    next_rank: int | None
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that logs, plots and writes shared checkpoint files."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return f"rank {self.rank} (dp {self.dp_rank}, pp {self.pp_rank}, tp {self.tp_rank})"
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun/Ray variables, else from Slurm's."""
+    if "WORLD_SIZE" in os.environ:
+        return (
+            int(os.environ.get("RANK", 0)),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return (
+            int(os.environ["SLURM_PROCID"]),
+            int(os.environ["SLURM_NTASKS"]),
+            int(os.environ.get("SLURM_LOCALID", 0)),
+        )
+    return 0, 1, 0
+
+
+def is_distributed_launch() -> bool:
+    """Whether this process is one of several (a launcher set a world size above 1)."""
+    return env_world()[1] > 1
+
+
+def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
+    """Join the process group (NCCL on GPU, gloo on CPU) and build Megatron's groups.
+
+    ``timeout_s`` bounds every collective: a hung or dead peer becomes an error on every rank
+    instead of a silent hang.
+    """
+    rank, world, local_rank = env_world()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        raise UserError("MASTER_PORT is not set; launch with hybridtron train --nproc-per-node N")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed"
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        distributed_timeout_minutes=timeout_s / 60,  # type: ignore[arg-type]  (a float works)
+    )
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    return Grid(
+        world=world,
+        rank=rank,
+        tp=tensor,
+        pp=pipeline,
+        dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=pp_rank,
+        dp_rank=ps.get_data_parallel_rank(),
+        prev_rank=ps.get_pipeline_model_parallel_prev_rank() if pp_rank > 0 else None,
+        next_rank=ps.get_pipeline_model_parallel_next_rank() if pp_rank < pipeline - 1 else None,
+        device=device,
+    )
+
+
+def destroy_grid() -> None:
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """What DeepSpeed asks of an ``mpu``, answered from Megatron's groups.
+
+    Without it DeepSpeed takes every rank for a data-parallel peer and averages TP shards
+    together (silently wrong). "Model parallel" here is TP x PP. The sequence-parallel methods
+    are deliberately absent: their presence makes DeepSpeed ignore the data-parallel group.
+    """
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+
+    def get_data_parallel_group(self):
+        return self.ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.get_data_parallel_rank()
+
+    def get_model_parallel_group(self):
+        return self.ps.get_model_parallel_group()
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.ps.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.ps.get_model_parallel_group())
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.get_tensor_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.get_pipeline_model_parallel_rank()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.get_pipeline_model_parallel_world_size()

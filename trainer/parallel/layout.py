@@ -1,0 +1,35 @@
+"""Checks of a dp x pp x tp layout that can fail before any process starts."""
+
+from __future__ import annotations
+
+from arch.registry import ConfigError
+from trainer.config import RunConfig, grad_accumulation_steps
+
+DISTRIBUTED_OPTIMIZERS = ("adamw", "sgd")
+
+
+def validate_layout(cfg: RunConfig, world: int) -> None:
+    """Raise ConfigError (one line naming the key and the fix) for a layout that cannot work."""
+    p = cfg.parallel
+    grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
+    if world == 1:
+        return
+    from trainer.parallel.stages import stage_layer_ranges
+    from trainer.parallel.tensor_parallel import check_tensor_parallel
+
+    check_tensor_parallel(cfg.model, p.tensor)
+    stage_layer_ranges(cfg.model, p.pipeline)
+    if cfg.optim.name not in DISTRIBUTED_OPTIMIZERS:
+        raise ConfigError(
+            "optim.name",
+            f"{cfg.optim.name!r} runs in one process only; multi-process runs use "
+            f"{' or '.join(DISTRIBUTED_OPTIMIZERS)}",
+        )
+    if p.zero_stage == 3 and cfg.model.preconditioner.name != "none":
+        raise ConfigError(
+            "parallel.zero_stage",
+            "ZeRO-3 partitions the weights the preconditioner reads between steps; use "
+            "parallel.zero_stage=2 with model.preconditioner",
+        )
+    if p.timeout_s <= 0:
+        raise ConfigError("parallel.timeout_s", f"must be positive, got {p.timeout_s}")

@@ -1,0 +1,355 @@
+"""The distributed TrainModule: tensor-parallel stage, 1F1B schedule, one DeepSpeed engine per stage.
+
+Same interface as `trainer.train_module.TrainModule` (``train_step``, ``eval_loss``), so the
+Trainer does not know which it drives. Recipe (measured in ../shared/reference/parallel.md):
+
+- every rank builds the dense model from the seed, then keeps its tensor-parallel shard of its
+  pipeline stage: at step 0 the distributed model is the single-process model, exactly;
+- a DeepSpeed engine per stage over the data-parallel group (Megatron groups via `MegatronMPU`),
+  ZeRO 1/2 (3 only without pipelining), with a torch optimizer instance (no JIT-built ops);
+  "no ZeRO" is ZeRO-1, which partitions nothing at dp = 1 but keeps the gradient norm exact;
+- the last stage calls ``engine.backward(loss)``; the others a scalar surrogate
+  sum(output * grad) with ``scale_wrt_gas=False``; the optimizer steps only after the stage has
+  sent its last input gradients (the boundary step all-reduces the norm over TP x PP).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from arch import build_model, count_parameters
+from arch.aux_losses import recording
+from arch.flops import training_flops_per_token
+from trainer.config import RunConfig
+from trainer.optim import OPTIMIZERS, param_groups
+from trainer.parallel.checkpoint import rng_file, write_shard
+from trainer.parallel.grid import Grid, MegatronMPU
+from trainer.parallel.p2p import StageLink
+from trainer.parallel.schedule import forward_only, one_f_one_b
+from trainer.parallel.stages import PipelineStage, stage_layer_ranges, state_shapes
+from trainer.parallel.tensor_parallel import (
+    apply_tensor_parallel,
+    parallel_cross_entropy,
+    split_for_rank,
+)
+from trainer.parallel.watchdog import operation
+from trainer.rng import rng_state
+from trainer.train_module import StepResult, autocast, model_inputs, post_optimizer_step
+
+_TIED_TAG = 17  # point-to-point tag of the tied-embedding gradient and weight transfers
+
+
+def deepspeed_config(cfg: RunConfig, accum: int, dp: int) -> dict:
+    t = cfg.trainer
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * dp,
+        "zero_optimization": {"stage": max(1, cfg.parallel.zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def stage_param_groups(stage: PipelineStage, weight_decay: float) -> list[dict]:
+    """The same two groups (decayed, not decayed) on every stage.
+
+    DeepSpeed all-reduces the gradient norm over TP x PP once per parameter group, so every
+    stage must have the same number of groups or the step deadlocks; "decay_other" (only for
+    Muon, which runs in one process) joins "decay", and a stage with nothing to put in a group
+    gets a one-element placeholder parameter (outside the model, never saved, zero gradient).
+    """
+    groups = param_groups(stage.model, weight_decay)
+    decay = [p for g in groups if g["group"] != "no_decay" for p in g["params"]]
+    no_decay = [p for g in groups if g["group"] == "no_decay" for p in g["params"]]
+    out = []
+    for name, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
+        if not params:
+            placeholder = torch.nn.Parameter(torch.zeros(1))
+            stage.register_parameter(f"placeholder_{name}", placeholder)
+            params = [placeholder]
+        out.append({"params": params, "weight_decay": wd, "group": name})
+    return out
+
+
+class ParallelTrainModule:
+    """``resume``: a reader of the checkpoint to start from (any layout; see
+    `trainer.parallel.checkpoint.dense_reader`): weights go in before the engine copies them
+    into its fp32 partitions, optimizer moments after."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid, accum: int, resume=None) -> None:
+        self.cfg, self.grid, self.accum = cfg, grid, accum
+        from megatron.core import parallel_state as ps
+
+        self.ps = ps
+        dense = build_model(cfg.model, seed=cfg.trainer.seed)
+        self.num_params = count_parameters(dense)
+        self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
+        apply_tensor_parallel(dense)
+        start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
+        self.stage = PipelineStage(dense, start, end, grid.is_first_stage, grid.is_last_stage)
+        if self.stage.model.embed is not None:
+            self.stage.model.embed.weight._no_weight_decay = True  # as for nn.Embedding
+        if resume is not None:
+            self._load_weights(resume)
+        self.stage.to(grid.device)
+        if self.stage.tied_head is not None:
+            self.stage.tied_head = self.stage.tied_head.to(grid.device).detach().requires_grad_()
+        groups = stage_param_groups(self.stage, cfg.optim.weight_decay)
+        optimizer = OPTIMIZERS.get(cfg.optim.name)(groups, cfg.optim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import deepspeed
+
+            self.engine, *_ = deepspeed.initialize(
+                model=self.stage,
+                optimizer=optimizer,
+                mpu=MegatronMPU(),
+                config=deepspeed_config(cfg, accum, grid.dp),
+                dist_init_required=False,
+            )
+        if resume is not None:
+            self._load_optimizer(resume)
+        post_optimizer_step(self.stage)
+        self.link = StageLink(grid.prev_rank, grid.next_rank, grid.device)
+        self.eos_id: int | None = None
+        self._first_peer = ps.get_pipeline_model_parallel_first_rank()
+        self._last_peer = ps.get_pipeline_model_parallel_last_rank()
+
+    # ---- one optimizer step ---------------------------------------------------------------
+    def train_step(
+        self, micro_batches: list[torch.Tensor], lr: float, gather_metrics: bool = True
+    ) -> StepResult:
+        g, engine, stage = self.grid, self.engine, self.stage
+        stage.train()
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        m = len(micro_batches)
+        batches = [b.to(g.device) for b in micro_batches]
+        shapes = state_shapes(self.cfg.model, batches[0].shape[0], batches[0].shape[1] - 1)
+        lm_losses: list[torch.Tensor] = []
+        metrics: dict[str, torch.Tensor] = {}
+        precision = self.cfg.trainer.precision
+
+        def forward(i: int, received):
+            kwargs, targets = model_inputs(batches[i], self.eos_id)
+            if received is not None:
+                for t in received.values():
+                    t.requires_grad_(True)
+            with autocast(precision, g.device.type), recording() as recorder:
+                out = engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
+            aux = recorder.losses
+            step_metrics = {**recorder.metrics, **{k: v.detach() for k, v in aux.items()}}
+            for name, value in step_metrics.items():
+                metrics[name] = metrics[name] + value if name in metrics else value
+            if stage.last:
+                lm = parallel_cross_entropy(out, targets)
+                lm_losses.append(lm.detach())
+                out = lm + sum(aux.values()) if aux else lm
+            return out, (received, aux)
+
+        def backward(i: int, out, out_grads, ctx):
+            received, aux = ctx
+            engine.set_gradient_accumulation_boundary(i == m - 1)
+            if stage.last:
+                engine.backward(out)  # DeepSpeed divides by the m micro-batches
+            else:
+                surrogate = sum((out[k] * out_grads[k]).sum() for k in out if out[k].requires_grad)
+                if aux:  # this stage's MoE losses, scaled as the engine scales the LM loss
+                    surrogate = surrogate + sum(aux.values()) / m
+                if i == m - 1 and self._tied_across_stages() and stage.first:
+                    surrogate = surrogate + self._tied_gradient_term()
+                engine.backward(surrogate, scale_wrt_gas=False)
+            if received is None:
+                return None
+            return {
+                k: t.grad if t.grad is not None else torch.zeros_like(t)
+                for k, t in received.items()
+            }
+
+        one_f_one_b(m, g.pp_rank, g.pp, self.link, shapes, forward, backward)
+        if stage.tied_head is not None:  # the last stage's share of the tied embedding's gradient
+            with operation("send the tied-embedding gradient to the first stage"):
+                dist.send(stage.tied_head.grad.contiguous(), self._first_peer, tag=_TIED_TAG)
+            stage.tied_head.grad = None
+        with operation("optimizer step (DeepSpeed)"):
+            engine.step()
+        self._sync_tied_weight()
+        post_optimizer_step(stage)
+        loss = self._mean_over_pipeline_and_data(
+            torch.stack(lm_losses).mean() if lm_losses else None
+        )
+        norm = engine.get_global_grad_norm()
+        return StepResult(
+            loss=loss,
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            metrics=self._gather_metrics(metrics, m) if gather_metrics else {},
+        )
+
+    def _tied_across_stages(self) -> bool:
+        return self.cfg.model.tie_embeddings and self.grid.pp > 1
+
+    def _tied_gradient_term(self) -> torch.Tensor:
+        """First stage: sum(W * G_head), whose gradient adds the last stage's head gradient to
+        the embedding's, inside the backward DeepSpeed's hooks watch."""
+        weight = self.stage.model.embed.weight
+        grad = torch.empty_like(weight)
+        with operation("receive the tied-embedding gradient from the last stage"):
+            dist.recv(grad, self._last_peer, tag=_TIED_TAG)
+        return (weight * grad).sum()
+
+    def _sync_tied_weight(self) -> None:
+        """After the step the last stage's head copy takes the updated embedding."""
+        if not self._tied_across_stages():
+            return
+        with operation("send the updated tied embedding to the last stage"):
+            if self.stage.first:
+                dist.send(
+                    self.stage.model.embed.weight.data.contiguous(), self._last_peer, tag=_TIED_TAG
+                )
+            elif self.stage.tied_head is not None:
+                dist.recv(self.stage.tied_head.data, self._first_peer, tag=_TIED_TAG)
+
+    def _mean_over_pipeline_and_data(self, value: torch.Tensor | None) -> float:
+        """The last stage's value, averaged over data-parallel ranks, known to every rank."""
+        t = torch.zeros((), device=self.grid.device) if value is None else value.float().clone()
+        with operation("all-reduce the loss"):
+            if self.grid.pp > 1:
+                dist.all_reduce(t, group=self.ps.get_pipeline_model_parallel_group())
+            if self.grid.dp > 1:
+                dist.all_reduce(t, group=self.ps.get_data_parallel_group())
+        return t.item() / self.grid.dp
+
+    def _gather_metrics(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Each stage's auxiliary metrics (mean over micro-batches, then over data-parallel
+        ranks), merged on every rank. Tensor-parallel peers hold the same values."""
+        from trainer.train_module import scalar_metrics
+
+        mine = scalar_metrics(sums, count) if self.grid.tp_rank == 0 else {}
+        gathered: list[dict[str, float]] = [{} for _ in range(self.grid.world)]
+        with operation("gather metrics"):
+            dist.all_gather_object(gathered, mine)
+        totals: dict[str, list[float]] = {}
+        for d in gathered:
+            for k, v in d.items():
+                totals.setdefault(k, []).append(v)
+        return {k: sum(v) / len(v) for k, v in totals.items()}
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self, samples: torch.Tensor, micro_batch_size: int) -> float:
+        """Mean loss over held-out samples; every data-parallel group evaluates all of them."""
+        g, stage = self.grid, self.stage
+        stage.eval()
+        chunks = [c.to(g.device) for c in samples.split(micro_batch_size)]
+        seq = samples.shape[1] - 1
+
+        def forward(i: int, received):
+            kwargs, targets = model_inputs(chunks[i], self.eos_id)
+            with autocast(self.cfg.trainer.precision, g.device.type):
+                out = self.engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
+            if stage.last:
+                return parallel_cross_entropy(out, targets) * len(chunks[i])
+            return out
+
+        outputs = forward_only(
+            len(chunks),
+            self.link,
+            lambda i: state_shapes(self.cfg.model, len(chunks[i]), seq),
+            forward,
+        )
+        stage.train()
+        total = torch.stack(outputs).sum() if stage.last else None
+        return self._mean_over_pipeline_and_data(total) / len(samples)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+
+    def _link_optimizer_state(self) -> None:
+        """Point every parameter at its slice of the optimizer state.
+
+        DeepSpeed's ZeRO-1/2 links them once, right after the first parameter group's first
+        step, when the other groups have no state yet: those stay unlinked (0.19.8), and
+        `safe_get_full_optimizer_state` then fails for them. Linking again fixes that.
+        """
+        zero = self.engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _state_keys(self) -> tuple[list[str], int]:
+        """The optimizer's per-parameter state names (exp_avg, ...) and its step count."""
+        keys, step = [], 0
+        for state in self._inner_optimizer().state.values():
+            keys = [k for k, v in state.items() if torch.is_tensor(v) and v.ndim > 0]
+            step = int(float(state.get("step", 0)))
+            break
+        return keys, step
+
+    def save_shards(self, directory: Path) -> None:
+        """Write this rank's part of a checkpoint (collective over the data-parallel group:
+        ZeRO partitions are gathered; data-parallel rank 0 writes)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        g = self.grid
+        self._link_optimizer_state()
+        keys, step = self._state_keys()
+        weights, moments = {}, {}
+        with operation("gather ZeRO partitions for the checkpoint"):
+            for name, p in self.stage.model.named_parameters():
+                full = safe_get_full_fp32_param(p)
+                weights[name] = (full if full is not None else p.detach()).cpu()
+                moments[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in keys}
+        if g.dp_rank == 0:
+            write_shard(directory, g.pp_rank, g.tp_rank, weights, step, moments)
+        torch.save(rng_state(), directory / rng_file(g.rank))
+
+    def _load_weights(self, reader) -> None:
+        g, cfg = self.grid, self.cfg.model
+        with torch.no_grad():
+            for name, p in self.stage.model.named_parameters():
+                p.copy_(split_for_rank(name, reader.tensor(name), g.tp_rank, g.tp, cfg))
+            if self.stage.tied_head is not None:
+                full = reader.tensor("embed.weight")
+                self.stage.tied_head.copy_(
+                    split_for_rank("embed.weight", full, g.tp_rank, g.tp, cfg)
+                )
+
+    def _load_optimizer(self, reader) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        step = reader.optimizer_step()
+        if step == 0:
+            return  # imported weights: the optimizer starts afresh
+        self._materialize_optimizer_state()
+        self._link_optimizer_state()
+        g, cfg = self.grid, self.cfg.model
+        for name, p in self.stage.model.named_parameters():
+            for key, dense in reader.moments(name).items():
+                shard = split_for_rank(name, dense, g.tp_rank, g.tp, cfg).to(g.device)
+                safe_set_full_optimizer_state(p, shard, key)
+        for state in self._inner_optimizer().state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(step))
+
+    def _materialize_optimizer_state(self) -> None:
+        """One step with zero gradients at lr 0, so the engine creates its (empty) optimizer
+        state to fill; AdamW and SGD leave the weights exactly as they are."""
+        engine = self.engine
+        saved = [group["lr"] for group in engine.optimizer.param_groups]
+        for group in engine.optimizer.param_groups:
+            group["lr"] = 0.0
+        engine.set_gradient_accumulation_boundary(True)
+        zero = sum(p.sum() for p in self.stage.model.parameters()) * 0.0
+        engine.backward(zero, scale_wrt_gas=False)
+        with operation("optimizer warm-up step (restoring moments)"):
+            engine.step()
+        for group, lr in zip(engine.optimizer.param_groups, saved, strict=True):
+            group["lr"] = lr
