@@ -79,7 +79,7 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     shards = {f"shard-pp{p}-tp{t}.safetensors" for p in range(2) for t in range(2)}
     assert shards | {f"rng-rank{r}.pt" for r in range(4)} <= names
     dense = ckpt.model_state()  # merged from the four shards
-    assert dense["layers.1.inner.in_proj.weight"].shape[0] == 2 * 2 * 64  # [x; z], d_inner 64
+    assert dense["layers.1.inner.in_proj.weight"].shape[0] == 2 * 64  # [x; z] of d_inner 64, whole again
     assert set(losses(tp2_pp2_run)) == {1, 2, 3, 4}
 
 
