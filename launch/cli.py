@@ -28,6 +28,9 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron registry list [KIND]                every plugin with its one-line doc
   hybridtron cluster render KIND --nodes N --gpus-per-node G [CONFIG] [key=value ...]
                                                  Slurm / KubeRay / ray up file for a multi-node run
+  hybridtron submit [CONFIG] [key=value ...] [--address ADDR] --num-workers N
+                                                 train on Ray (embedded, or a cluster's Jobs API)
+  hybridtron status|logs|stop JOB_ID [--address ADDR]   follow a submitted job
 
 CONFIG is a YAML path or a recipe name from configs/ (default: the built-in defaults)."""
 
@@ -194,6 +197,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--nodes", type=int, metavar="N", help="nodes (cluster.nodes)")
     c.add_argument("--gpus-per-node", type=int, metavar="G", help="cluster.gpus_per_node")
     c.add_argument("--output", metavar="FILE", help="write FILE instead of printing")
+
+    p = sub.add_parser(
+        "submit",
+        help="train on Ray: an embedded instance, or a cluster (--address)",
+        description="Train with Ray Train (one worker per process, the same dp x pp x tp grid "
+        "as train --nproc-per-node). Without --address: an embedded Ray on this machine, in the "
+        "foreground. With --address http://HEAD:8265: submit through the cluster's Jobs API "
+        "(the code and resolved config travel with the job), print the job id and follow it. "
+        "Failed workers restart from the newest checkpoint (launch.max_failures).",
+    )
+    _config_args(p)
+    p.add_argument("--address", metavar="ADDR", help="Ray dashboard / Jobs API, http://HEAD:8265")
+    p.add_argument("--num-workers", type=int, default=1, metavar="N", help="Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=int, default=0, metavar="G", help="0: CPU (gloo)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    for name, text in (("status", "print a submitted job's status"),
+                       ("logs", "print a submitted job's logs"),
+                       ("stop", "stop a submitted job")):  # fmt: skip
+        p = sub.add_parser(name, help=text, description=text.capitalize() + ".")
+        p.add_argument("job_id", metavar="JOB_ID")
+        p.add_argument(
+            "--address", metavar="ADDR", help="Ray Jobs API (default: $RAY_ADDRESS or :8265)"
+        )
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="follow until the job ends")
     return parser
 
 
@@ -260,8 +288,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
-def _train_rank(cfg, config: str | None) -> int:
-    """One rank of a multi-process run: join the grid, train, report failures by rank."""
+def _train_rank(cfg, config: str | None, reraise: bool = False) -> int:
+    """One rank of a multi-process run: join the grid, train, report failures by rank.
+
+    ``reraise``: raise errors instead of ending the process (a Ray Train worker)."""
     import logging
 
     from trainer import Trainer
@@ -277,9 +307,15 @@ def _train_rank(cfg, config: str | None) -> int:
         result = Trainer(cfg, grid=grid).fit()
     except UserError as exc:
         print(f"hybridtron train: {grid.describe()}: error: {exc}", file=sys.stderr, flush=True)
+        if reraise:
+            dog.stop()
+            raise
         os._exit(exc.exit_code)  # peers blocked in a collective must not keep this one alive
     except (RuntimeError, OSError) as exc:  # a collective that failed or timed out
         print(f"hybridtron train: {watchdog.describe_failure(exc)}", file=sys.stderr, flush=True)
+        if reraise:
+            dog.stop()
+            raise
         os._exit(1)
     dog.stop()
     if grid.is_main:
@@ -478,6 +514,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.ray_job import submit
+
+    return submit(args.args, args.address, args.num_workers, args.gpus_per_worker, args.no_wait)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from launch.ray_job import job_command
+
+    return job_command(args.command, args.job_id, args.address, getattr(args, "follow", False))
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -489,6 +537,10 @@ COMMANDS = {
     "export-hf": cmd_export_hf,
     "registry": cmd_registry,
     "cluster": cmd_cluster,
+    "submit": cmd_submit,
+    "status": cmd_job,
+    "logs": cmd_job,
+    "stop": cmd_job,
 }
 
 if __name__ == "__main__":

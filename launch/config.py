@@ -22,6 +22,8 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class LaunchConfig:
     nproc_per_node: int = 1  # local processes (torchrun semantics); --nproc-per-node N
+    max_failures: int = 3  # hybridtron submit: worker-group restarts from the newest checkpoint
+    storage: str = ""  # a directory every node sees; when set, run_dir = <storage>/<run name>
 
 
 @dataclass
@@ -110,8 +112,23 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise _omegaconf_error(exc, "?") from None
     assert isinstance(job, JobConfig)
+    apply_storage(job)
     validate_job_config(job, world_size)
     return job
+
+
+def apply_storage(cfg: JobConfig) -> None:
+    """With launch.storage set, the run directory is ``<storage>/<run name>`` (idempotent)."""
+    storage = cfg.launch.storage
+    if not storage:
+        return
+    if "://" in storage:
+        raise ConfigError(
+            "launch.storage",
+            f"{storage!r}: object-store URIs are not supported; give a directory that every "
+            "node sees (NFS, Lustre, a mounted bucket)",
+        )
+    cfg.trainer.run_dir = str(Path(storage) / Path(cfg.trainer.run_dir).name)
 
 
 def validate_job_config(cfg: JobConfig, world_size: int | None = None) -> None:
@@ -121,6 +138,10 @@ def validate_job_config(cfg: JobConfig, world_size: int | None = None) -> None:
     if cfg.launch.nproc_per_node < 1:
         raise ConfigError(
             "launch.nproc_per_node", f"must be positive, got {cfg.launch.nproc_per_node}"
+        )
+    if cfg.launch.max_failures < -1:
+        raise ConfigError(
+            "launch.max_failures", f"must be >= 0 (-1: no limit), got {cfg.launch.max_failures}"
         )
     world = world_size or cfg.launch.nproc_per_node
     validate_run_config(cfg, world_size=world)

@@ -64,11 +64,12 @@ def spawn(argv: list[str], nproc: int, timeout_s: float, log=print) -> int:
     deadline = None
     try:
         while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                code = p.poll()
-                if code not in (None, 0) and first_failure is None:
-                    first_failure = (rank, code)
-                    deadline = time.monotonic() + timeout_s + GRACE_S
+            failed = [(r, p.poll()) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+            if failed and first_failure is None:
+                # A rank killed by a signal is the cause; ranks that exited 1 in the same
+                # instant were reacting to it.
+                first_failure = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
+                deadline = time.monotonic() + timeout_s + GRACE_S
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
                     if p.poll() is None:
@@ -96,9 +97,10 @@ def spawn(argv: list[str], nproc: int, timeout_s: float, log=print) -> int:
     rank, code = first_failure
     if all(p.returncode == 143 for p in procs):
         return 143  # every rank checkpointed after a pre-emption signal
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
     log(
-        f"hybridtron: rank {rank} of {nproc} failed (exit code {code}); every rank has stopped. "
+        f"hybridtron: rank {rank} of {nproc} failed ({how}); every rank has stopped. "
         f"Completed checkpoints are kept: run the same command again to resume",
         file=sys.stderr,
     )
-    return code if code > 0 else 1
+    return code if code > 0 else 128 - code

@@ -146,7 +146,7 @@ def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_p
             job.kill()
     assert job.returncode != 0
     assert time.monotonic() - killed_at < 10 + 15 + 20  # timeout + grace + start-up slack
-    assert "rank 1 of 2 failed" in stderr
+    assert "rank 1 of 2 failed (was killed by SIGKILL)" in stderr
     survivor = [line for line in stderr.splitlines() if "rank 0 (dp 0, pp 0, tp 0)" in line]
     assert survivor, stderr[-3000:]
     assert "failed" in survivor[0] or "did not finish" in survivor[0], survivor[0]

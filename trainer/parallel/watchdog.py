@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-_current: dict[str, object] = {"what": None, "since": 0.0}
+_current: dict[str, object] = {"what": None, "since": 0.0, "failed": None}
 _prefix = ""
 
 
@@ -27,7 +27,8 @@ def set_prefix(prefix: str) -> None:
 
 
 def current_operation() -> str | None:
-    what = _current["what"]
+    """The operation in progress, else the last one that raised."""
+    what = _current["what"] or _current["failed"]
     return None if what is None else str(what)
 
 
@@ -37,6 +38,9 @@ def operation(what: str) -> Iterator[None]:
     _current["what"], _current["since"] = what, time.monotonic()
     try:
         yield
+    except BaseException:
+        _current["failed"] = what
+        raise
     finally:
         _current["what"], _current["since"] = previous
 

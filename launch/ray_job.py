@@ -1,0 +1,376 @@
+"""`hybridtron submit | status | logs | stop`: training on Ray, the driver side.
+
+``submit`` without an address starts an embedded Ray instance on 127.0.0.1 and runs the job in
+the foreground. With ``--address http://HEAD:8265`` it submits through the cluster's Jobs API:
+the project code (this repository without .venv, runs, .git, caches) and the resolved config
+(``hybridtron_job.yaml``) travel with the job as its working directory, and the job's entrypoint
+(``python -m launch.ray_job run ...``, on the head) runs the same driver there. The driver checks
+that the cluster has the resources, then runs Ray Train's TorchTrainer (see launch/ray_worker.py)
+with ``FailureConfig(max_failures=launch.max_failures)``: a dead worker restarts the worker group,
+which resumes from the newest complete checkpoint in trainer.run_dir.
+
+Every failure a user can fix ends in one line (exit 1 or 2), no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from arch.registry import UsageError, UserError
+
+REPO = Path(__file__).resolve().parent.parent
+JOB_CONFIG_FILE = "hybridtron_job.yaml"
+EXCLUDED = {".venv", "venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
+            ".mypy_cache", "node_modules", "wandb"}  # fmt: skip
+MAX_FILE_BYTES = 20 << 20  # larger files (data, weights) stay behind: put them on shared storage
+CPUS_PER_WORKER = 1
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+RAY_FIX = (
+    "start one with `ray start --head` (Jobs API on the dashboard port, 8265) or pass the "
+    "dashboard address of a running cluster, e.g. --address http://HEAD:8265"
+)
+
+
+# --- the job: config, code, resources ---------------------------------------------------------
+
+
+def _absolute(path: str | None) -> str | None:
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def prepare_config(args: list[str], num_workers: int, gpus_per_worker: int):
+    """(config, config name, resolved YAML) for a job of ``num_workers`` ranks, with every
+    local path made absolute (workers run in another directory, maybe on another machine)."""
+    from launch.config import load_config, to_yaml
+
+    if num_workers < 1:
+        raise UsageError(f"--num-workers must be at least 1, got {num_workers}")
+    if gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    config, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+    cfg = load_config(config, overrides, world_size=num_workers)
+    t, d = cfg.trainer, cfg.data
+    t.run_dir = _absolute(t.run_dir)
+    t.resume_from = _absolute(t.resume_from)
+    d.path = _absolute(d.path)
+    d.tokenizer_path = _absolute(d.tokenizer_path)
+    for source in getattr(d, "sources", None) or []:
+        source.path = _absolute(source.path)
+    return cfg, config, to_yaml(cfg)
+
+
+def job_env(cfg) -> dict[str, str]:
+    """Environment for every worker: cluster.env (NCCL / InfiniBand) plus unbuffered output."""
+    return {**{k: str(v) for k, v in cfg.cluster.env.items()}, "PYTHONUNBUFFERED": "1"}
+
+
+def stage_code(config_yaml: str) -> Path:
+    """A copy of the project (small files only) plus the resolved config: the job's payload."""
+    stage = Path(tempfile.mkdtemp(prefix="hybridtron-job-"))
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = set()
+        for name in names:
+            path = Path(directory) / name
+            if name in EXCLUDED or name.endswith(".egg-info"):
+                skipped.add(name)
+            elif path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+                skipped.add(name)
+        return skipped
+
+    shutil.copytree(REPO, stage / "code", ignore=ignore, symlinks=False)
+    (stage / "code" / JOB_CONFIG_FILE).write_text(config_yaml)
+    return stage / "code"
+
+
+def check_resources(num_workers: int, gpus_per_worker: int) -> None:
+    """Fail at once (not wait forever for a placement) when the cluster is too small."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
+    need_cpus, need_gpus = num_workers * CPUS_PER_WORKER, num_workers * gpus_per_worker
+    if cpus < need_cpus or gpus < need_gpus:
+        raise UserError(
+            f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs, but --num-workers "
+            f"{num_workers} --gpus-per-worker {gpus_per_worker} needs {need_cpus} CPUs and "
+            f"{need_gpus} GPUs; lower --num-workers or add nodes to the cluster"
+        )
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "cause", None) or exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _worker_error(exc: BaseException) -> str:
+    failures = getattr(exc, "worker_failures", None) or {}
+    if failures:
+        rank, error = sorted(failures.items())[0]
+        return f"worker rank {rank}: {_last_line(error)}"
+    inner = getattr(exc, "controller_failure", None)
+    return _last_line(inner if inner is not None else exc)
+
+
+def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int) -> int:
+    """Run the TorchTrainer on the Ray instance this process is connected to."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from launch.ray_worker import load_config_text, train_loop
+
+    cfg = load_config_text(config_yaml, num_workers)
+    check_resources(num_workers, gpus)
+    run_dir = Path(cfg.trainer.run_dir)
+    resources = {"CPU": CPUS_PER_WORKER, **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config_yaml": config_yaml, "config_name": config_name},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=gpus > 0, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(
+            backend="nccl" if gpus else "gloo", timeout_s=int(cfg.parallel.timeout_s)
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray",
+            storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.launch.max_failures),
+        ),
+    )
+    print(
+        f"[ray] {num_workers} worker(s) x {gpus} GPU(s), max_failures "
+        f"{cfg.launch.max_failures}, run directory {run_dir}",
+        flush=True,
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise UserError(
+            f"the job failed ({_worker_error(exc)}); worker logs are above, the run directory "
+            f"is {run_dir} (its newest checkpoint is kept: submit again to resume)"
+        ) from None
+    return 0
+
+
+# --- submit -----------------------------------------------------------------------------------
+
+
+def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_workers: int,
+                 gpus: int) -> int:  # fmt: skip
+    """An embedded Ray instance on 127.0.0.1 for this job, in the foreground."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        object_store_memory=512 << 20,
+        logging_level="WARNING",
+        runtime_env={"env_vars": env},
+    )
+    try:
+        return drive(config_yaml, config_name, num_workers, gpus)
+    finally:
+        ray.shutdown()
+
+
+def _auth_env() -> None:
+    """Ray 2.60 clusters use token authentication: turn it on for the client where a token is
+    at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if (
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").exists()
+    ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _address(address: str | None) -> str:
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "://" not in address:
+        address = f"http://{address}"
+    return address
+
+
+def _client_error(exc: BaseException, address: str) -> UserError:
+    name = type(exc).__name__
+    if "Authentication" in name:
+        return UserError(
+            f"Ray at {address} refused the request ({_last_line(exc)}); set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN (or ~/.ray/auth_token)"
+        )
+    return UserError(f"cannot reach Ray at {address} ({_last_line(exc)}); {RAY_FIX}")
+
+
+def connect(address: str | None):
+    """A JobSubmissionClient for ``address``, or one line saying why not."""
+    import logging
+
+    _auth_env()
+    address = _address(address)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address), address
+    except Exception as exc:  # ConnectionError, AuthenticationError, a non-Ray server, ...
+        raise _client_error(exc, address) from None
+
+
+def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
+           no_wait: bool = False) -> int:  # fmt: skip
+    """`hybridtron submit`: the job's exit code (0 when it succeeded)."""
+    if address is None:
+        if no_wait:
+            raise UsageError("--no-wait needs --address (an embedded Ray runs in the foreground)")
+        cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
+        return run_embedded(config_yaml, config_name, job_env(cfg), num_workers, gpus)
+    client, address = connect(address)  # first: an unreachable cluster fails at once
+    cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
+    env = job_env(cfg)
+    code = stage_code(config_yaml)
+    name = Path(cfg.trainer.run_dir).name
+    job_id = f"hybridtron-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    entrypoint = (
+        f"python -m launch.ray_job run {JOB_CONFIG_FILE} --num-workers {num_workers} "
+        f"--gpus-per-worker {gpus}" + (f" --config-name {config_name}" if config_name else "")
+    )
+    try:
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=job_id,
+            runtime_env={"working_dir": str(code), "env_vars": env},
+            metadata={"run_dir": str(cfg.trainer.run_dir)},
+        )
+    except Exception as exc:
+        raise _client_error(exc, address) from None
+    finally:
+        shutil.rmtree(code.parent, ignore_errors=True)
+    print(f"submitted job {job_id} to {address}", flush=True)
+    print(f"  run directory  {cfg.trainer.run_dir}")
+    print(f"  follow         hybridtron logs {job_id} --address {address} --follow")
+    print(f"  status / stop  hybridtron status|stop {job_id} --address {address}", flush=True)
+    if no_wait:
+        return 0
+    return follow(client, job_id, address)
+
+
+def follow(client, job_id: str, address: str) -> int:
+    """Stream the job's logs until it ends; its exit code."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following; job {job_id} keeps running: "
+            f"hybridtron stop {job_id} --address {address}",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception:
+        pass  # the log stream broke: the status below says how the job ended
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(1)
+    if status == "SUCCEEDED":
+        print(f"job {job_id} SUCCEEDED")
+        return 0
+    info = client.get_job_info(job_id)
+    raise UserError(
+        f"job {job_id} {status}: {_failure_line(client, job_id, info)}; full logs: "
+        f"hybridtron logs {job_id} --address {address}"
+    )
+
+
+def _failure_line(client, job_id: str, info) -> str:
+    """The job's own error line (ours start with 'hybridtron'), else Ray's message."""
+    try:
+        logs = client.get_job_logs(job_id).splitlines()
+    except Exception:
+        logs = []
+    for line in reversed(logs):
+        if line.lstrip().startswith("hybridtron") and "error" in line:
+            return line.strip()
+    message = (getattr(info, "message", "") or "").strip().splitlines()
+    return message[0] if message else "no message"
+
+
+# --- status / logs / stop ---------------------------------------------------------------------
+
+
+def job_command(command: str, job_id: str, address: str | None, follow_logs: bool = False) -> int:
+    client, address = connect(address)
+    try:
+        if command == "status":
+            info = client.get_job_info(job_id)
+            status = str(info.status.value)
+            line = f"{job_id}: {status}"
+            if info.message:
+                line += f" ({info.message.strip().splitlines()[0]})"
+            print(line)
+            return 0
+        if command == "logs":
+            if follow_logs:
+                return follow(client, job_id, address)
+            print(client.get_job_logs(job_id), end="")
+            return 0
+        stopped = client.stop_job(job_id)
+        print(f"{job_id}: {'stop requested' if stopped else 'already finished'}")
+        return 0
+    except UserError:
+        raise
+    except RuntimeError as exc:
+        if "does not exist" in str(exc) or "404" in str(exc):
+            raise UserError(f"no job {job_id!r} at {address}; `ray job list` lists them") from None
+        raise _client_error(exc, address) from None
+    except Exception as exc:
+        raise _client_error(exc, address) from None
+
+
+# --- the job's entrypoint on the cluster ------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launch.ray_job run CONFIG_YAML --num-workers N --gpus-per-worker G``."""
+    import ray
+
+    parser = argparse.ArgumentParser(prog="python -m launch.ray_job")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("config_yaml")
+    parser.add_argument("--num-workers", type=int, required=True)
+    parser.add_argument("--gpus-per-worker", type=int, default=0)
+    parser.add_argument("--config-name")
+    args = parser.parse_args(argv)
+    try:
+        ray.init(logging_level="WARNING")  # the cluster this job runs on (RAY_ADDRESS)
+        text = Path(args.config_yaml).read_text()
+        return drive(text, args.config_name, args.num_workers, args.gpus_per_worker)
+    except UserError as exc:
+        print(f"hybridtron submit: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
