@@ -519,7 +519,9 @@ def export_hf_dir(cfg: ModelConfig, state: Mapping[str, torch.Tensor], out_dir: 
 
 def _hybridtron_step_dir(path: Path) -> Path | None:
     """The checkpoint directory holding model.safetensors + config.yaml under ``path``."""
-    if (path / "model.safetensors").exists() and (path / "config.yaml").exists():
+    if (path / "config.yaml").exists() and (
+        (path / "model.safetensors").exists() or any(path.glob("shard-pp*-tp*.safetensors"))
+    ):
         return path
     for checkpoints in (path, path / "checkpoints"):
         latest = checkpoints / "latest"
@@ -548,10 +550,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> nn.
         raise UserError(f"{path} does not exist")
     step_dir = _hybridtron_step_dir(path)
     if step_dir is not None:
-        from safetensors.torch import load_file
+        # The trainer's reader merges the shards of a multi-process checkpoint (any layout).
+        from trainer.checkpoint import verify_checkpoint
 
         cfg = model_config_from_yaml(step_dir / "config.yaml")
-        state = load_file(str(step_dir / "model.safetensors"))
+        state = verify_checkpoint(step_dir).model_state()
     elif (path / "config.json").exists():
         cfg, state = import_hf_dir(path)
     else:

@@ -28,7 +28,7 @@ from arch.registry import UsageError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_CONFIG_FILE = "hybridtron_job.yaml"
-EXCLUDED = {".venv", "venv", "runs", ".git", "__pycache__", ".pytest_cache", ".ruff_cache",
+EXCLUDED = {".venv", "venv", "runs", ".git", ".gitignore", "__pycache__", ".pytest_cache", ".ruff_cache",
             ".mypy_cache", "node_modules", "wandb"}  # fmt: skip
 MAX_FILE_BYTES = 20 << 20  # larger files (data, weights) stay behind: put them on shared storage
 CPUS_PER_WORKER = 1
@@ -48,15 +48,19 @@ def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve())
 
 
+def check_counts(num_workers: int, gpus_per_worker: int) -> None:
+    if num_workers < 1:
+        raise UsageError(f"--num-workers must be at least 1, got {num_workers}")
+    if gpus_per_worker < 0:
+        raise UsageError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+
+
 def prepare_config(args: list[str], num_workers: int, gpus_per_worker: int):
     """(config, config name, resolved YAML) for a job of ``num_workers`` ranks, with every
     local path made absolute (workers run in another directory, maybe on another machine)."""
     from launch.config import load_config, to_yaml
 
-    if num_workers < 1:
-        raise UsageError(f"--num-workers must be at least 1, got {num_workers}")
-    if gpus_per_worker < 0:
-        raise UsageError(f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    check_counts(num_workers, gpus_per_worker)
     config, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
     cfg = load_config(config, overrides, world_size=num_workers)
     t, d = cfg.trainer, cfg.data
@@ -93,11 +97,13 @@ def stage_code(config_yaml: str) -> Path:
     return stage / "code"
 
 
-def check_resources(num_workers: int, gpus_per_worker: int) -> None:
-    """Fail at once (not wait forever for a placement) when the cluster is too small."""
-    import ray
+def check_resources(num_workers: int, gpus_per_worker: int, total: dict | None = None) -> None:
+    """Fail at once (not wait forever for a placement) when the cluster is too small;
+    ``total``: the cluster's resources (default: those of the Ray instance this process is on)."""
+    if total is None:
+        import ray
 
-    total = ray.cluster_resources()
+        total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0), total.get("GPU", 0)
     need_cpus, need_gpus = num_workers * CPUS_PER_WORKER, num_workers * gpus_per_worker
     if cpus < need_cpus or gpus < need_gpus:
@@ -106,6 +112,22 @@ def check_resources(num_workers: int, gpus_per_worker: int) -> None:
             f"{num_workers} --gpus-per-worker {gpus_per_worker} needs {need_cpus} CPUs and "
             f"{need_gpus} GPUs; lower --num-workers or add nodes to the cluster"
         )
+
+
+def resources_at(address: str) -> dict | None:
+    """The summed resources of the cluster's alive nodes (state API), None if it won't say."""
+    try:
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=address, detail=True, raise_on_missing_output=False)
+    except Exception:
+        return None
+    total: dict[str, float] = {}
+    for node in nodes:
+        if node.state == "ALIVE":
+            for key, value in (node.resources_total or {}).items():
+                total[key] = total.get(key, 0) + value
+    return total or None
 
 
 def _last_line(exc: BaseException) -> str:
@@ -159,7 +181,7 @@ def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int
     except ray.train.TrainingFailedError as exc:
         raise UserError(
             f"the job failed ({_worker_error(exc)}); worker logs are above, the run directory "
-            f"is {run_dir} (its newest checkpoint is kept: submit again to resume)"
+            f"is {run_dir} (completed checkpoints are kept: submit again to resume)"
         ) from None
     return 0
 
@@ -223,8 +245,9 @@ def connect(address: str | None):
 
     _auth_env()
     address = _address(address)
-    logging.getLogger("ray").setLevel(logging.ERROR)
     from ray.job_submission import JobSubmissionClient
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # not "uploading package ..."
 
     try:
         return JobSubmissionClient(address), address
@@ -235,6 +258,7 @@ def connect(address: str | None):
 def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
            no_wait: bool = False) -> int:  # fmt: skip
     """`hybridtron submit`: the job's exit code (0 when it succeeded)."""
+    check_counts(num_workers, gpus)
     if address is None:
         if no_wait:
             raise UsageError("--no-wait needs --address (an embedded Ray runs in the foreground)")
@@ -242,6 +266,9 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
         return run_embedded(config_yaml, config_name, job_env(cfg), num_workers, gpus)
     client, address = connect(address)  # first: an unreachable cluster fails at once
     cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
+    total = resources_at(address)
+    if total is not None:  # else the job's entrypoint checks
+        check_resources(num_workers, gpus, total)
     env = job_env(cfg)
     code = stage_code(config_yaml)
     name = Path(cfg.trainer.run_dir).name
@@ -310,8 +337,8 @@ def _failure_line(client, job_id: str, info) -> str:
     except Exception:
         logs = []
     for line in reversed(logs):
-        if line.lstrip().startswith("hybridtron") and "error" in line:
-            return line.strip()
+        if line.lstrip().startswith("hybridtron") and "error: " in line:
+            return line.split("error: ", 1)[1].strip()
     message = (getattr(info, "message", "") or "").strip().splitlines()
     return message[0] if message else "no message"
 

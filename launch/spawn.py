@@ -64,11 +64,11 @@ def spawn(argv: list[str], nproc: int, timeout_s: float, log=print) -> int:
     deadline = None
     try:
         while any(p.poll() is None for p in procs):
-            failed = [(r, p.poll()) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed and first_failure is None:
-                # A rank killed by a signal is the cause; ranks that exited 1 in the same
-                # instant were reacting to it.
-                first_failure = min(failed, key=lambda rc: (rc[1] >= 0, rc[0]))
+            if first_failure is None and any(p.poll() not in (None, 0) for p in procs):
+                # A rank killed by a signal is the cause; ranks that exit 1 within the next
+                # moment (a peer's socket closes before the peer is reaped) react to it.
+                time.sleep(1.0)
+                first_failure = _cause(procs)
                 deadline = time.monotonic() + timeout_s + GRACE_S
             if deadline is not None and time.monotonic() > deadline:
                 for p in procs:
@@ -87,11 +87,7 @@ def spawn(argv: list[str], nproc: int, timeout_s: float, log=print) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if first_failure is None:
-        for rank, p in enumerate(procs):
-            if p.returncode != 0:
-                first_failure = (rank, p.returncode)
-                break
+    first_failure = first_failure or _cause(procs)  # None also when all ended between polls
     if first_failure is None:
         return 0
     rank, code = first_failure
@@ -104,3 +100,10 @@ def spawn(argv: list[str], nproc: int, timeout_s: float, log=print) -> int:
         file=sys.stderr,
     )
     return code if code > 0 else 128 - code
+
+
+def _cause(procs: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """(rank, exit code) of the failure to report: a rank killed by a signal before one that
+    exited with an error (that one was most likely reacting to the other), lowest rank first."""
+    failed = [(r, p.poll()) for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    return min(failed, key=lambda rc: (rc[1] >= 0, rc[0])) if failed else None

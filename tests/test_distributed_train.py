@@ -13,18 +13,21 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
+from arch import load_pretrained
 from tests.conftest import REPO, TINY_SEQ_LEN, run_cli
 from trainer.checkpoint import verify_checkpoint
 
 TOLERANCE = 1e-5
-# A hybrid that TP=2 can split (heads, kv heads, Mamba d_inner, MoE experts) and PP=2 can cut.
+# A hybrid that TP=2 can split (heads, kv heads, Mamba d_inner, MoE experts), PP=2 cuts at `|`,
+# and Hugging Face's Jamba can express (mixer / FFN pairs, no RoPE, plain residual).
 MODEL = [
-    "model.pattern=*M|-E",
+    "model.pattern=*-|ME",
+    "model.attention.rope=false",
     "model.d_model=32",
     "model.n_heads=4",
     "model.n_kv_heads=2",
-    "model.residual.name=heavy_ball",
     "model.moe.num_experts=4",
 ]
 
@@ -79,7 +82,9 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     shards = {f"shard-pp{p}-tp{t}.safetensors" for p in range(2) for t in range(2)}
     assert shards | {f"rng-rank{r}.pt" for r in range(4)} <= names
     dense = ckpt.model_state()  # merged from the four shards
-    assert dense["layers.1.inner.in_proj.weight"].shape[0] == 2 * 64  # [x; z] of d_inner 64, whole again
+    assert (
+        dense["layers.2.inner.in_proj.weight"].shape[0] == 2 * 64
+    )  # [x; z] of d_inner 64, whole again
     assert set(losses(tp2_pp2_run)) == {1, 2, 3, 4}
 
 
@@ -107,11 +112,16 @@ def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, t
             assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (name, step, got, want)
 
 
-def test_eval_accepts_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
+def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
     step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
     proc = run_cli("eval", str(step4))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "held-out loss" in proc.stdout
+    proc = run_cli("export-hf", str(step4), str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported, merged = load_pretrained(tmp_path / "hf"), load_pretrained(step4)
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(exported(ids), merged(ids), rtol=1e-5, atol=1e-5)
 
 
 def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_path):
@@ -146,7 +156,7 @@ def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_p
             job.kill()
     assert job.returncode != 0
     assert time.monotonic() - killed_at < 10 + 15 + 20  # timeout + grace + start-up slack
-    assert "rank 1 of 2 failed (was killed by SIGKILL)" in stderr
+    assert "rank 1 of 2 failed (was killed by SIGKILL)" in stderr, stderr[-1500:]
     survivor = [line for line in stderr.splitlines() if "rank 0 (dp 0, pp 0, tp 0)" in line]
     assert survivor, stderr[-3000:]
     assert "failed" in survivor[0] or "did not finish" in survivor[0], survivor[0]
