@@ -93,8 +93,10 @@ class MoE(nn.Module):
             counts = counts.clamp(max=cap)
         token = order // k
         chunks = x[token].split(counts.tolist())
-        outs = [e(c) for e, c in zip(self.experts, chunks, strict=True) if len(c)]
-        y = torch.cat(outs) * weights.flatten()[order, None] if outs else x[:0]
+        # Every expert runs, an unchosen one on zero tokens: its weights then get a (zero)
+        # gradient like all others, so data-parallel ranks reduce the same set of gradients.
+        outs = [e(c) for e, c in zip(self.experts, chunks, strict=True)]
+        y = torch.cat(outs) * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

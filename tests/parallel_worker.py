@@ -41,8 +41,10 @@ def run_config(zero: int, tp: int, pp: int) -> RunConfig:
         ffn_hidden=64,
     )
     cfg.model.residual.name = "heavy_ball"
-    cfg.model.moe.num_experts = 4
-    cfg.model.moe.top_k = 2
+    # More experts than a micro-batch's 32 tokens fill: some get no token on some rank, and every
+    # rank must still reduce the same gradients (ZeRO's buckets would mismatch otherwise).
+    cfg.model.moe.num_experts = 16
+    cfg.model.moe.top_k = 1
     cfg.trainer.seed = 7
     cfg.trainer.micro_batch_size = MICRO
     cfg.trainer.global_batch_size = GLOBAL
