@@ -30,7 +30,7 @@ STEPS = 4
 MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
 
 
-def run_config(zero: int, tp: int, pp: int) -> RunConfig:
+def run_config(zero: int, tp: int, pp: int, residual: str = "heavy_ball") -> RunConfig:
     cfg = RunConfig()
     cfg.model = ModelConfig(
         pattern="*M-E*-",  # attention, Mamba, MLP, MoE
@@ -40,7 +40,7 @@ def run_config(zero: int, tp: int, pp: int) -> RunConfig:
         vocab_size=VOCAB,
         ffn_hidden=64,
     )
-    cfg.model.residual.name = "heavy_ball"
+    cfg.model.residual.name = residual
     # More experts than a micro-batch's 32 tokens fill: some get no token on some rank, and every
     # rank must still reduce the same gradients (ZeRO's buckets would mismatch otherwise).
     cfg.model.moe.num_experts = 16
@@ -66,8 +66,8 @@ def micro_batches(batch: torch.Tensor, dp_rank: int, dp: int) -> list[torch.Tens
     return list(share.split(MICRO))
 
 
-def reference() -> dict:
-    module = TrainModule(run_config(0, 1, 1))
+def reference(residual: str) -> dict:
+    module = TrainModule(run_config(0, 1, 1, residual))
     out = [module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()]
     return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out]}
 
@@ -78,7 +78,7 @@ def run_layout(layout: dict) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else None
     tp, pp = layout["tp"], layout["pp"]
     grid = init_grid(tp, pp, timeout_s=120)
-    cfg = run_config(layout["zero"], tp, pp)
+    cfg = run_config(layout["zero"], tp, pp, layout.get("residual", "heavy_ball"))
     accum = GLOBAL // (MICRO * grid.dp)
     module = ParallelTrainModule(cfg, grid, accum)
     out = [
@@ -94,7 +94,9 @@ def main() -> None:
     out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
     results = [run_layout(layout) for layout in layouts]
     if dist.get_rank() == 0:
-        payload = {"reference": reference(), "layouts": layouts, "results": results}
+        residuals = sorted({layout.get("residual", "heavy_ball") for layout in layouts})
+        references = {r: reference(r) for r in residuals}
+        payload = {"references": references, "layouts": layouts, "results": results}
         with open(out_path, "w") as f:
             json.dump(payload, f)
     dist.barrier()

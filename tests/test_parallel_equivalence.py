@@ -18,6 +18,10 @@ from launch.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
+# `ortho` orthogonalises each token's update by Newton-Schulz: fp32 rounding moves its gradient
+# norm a lot. One process alone, 1 thread vs 2, differs by 2e-2 in grad norm and 6e-5 in loss
+# after 4 steps (measured); its comparison gets that headroom, every other variant 1e-5.
+LOOSE = {"ortho": {"loss": 2e-4, "grad_norm": 5e-2}}
 
 
 def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
@@ -40,14 +44,16 @@ def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
 
 
 def assert_matches_reference(payload: dict) -> None:
-    ref = payload["reference"]
     for layout, result in zip(payload["layouts"], payload["results"], strict=True):
+        residual = layout.get("residual", "heavy_ball")
+        ref = payload["references"][residual]
         for key in ("loss", "grad_norm"):
+            tolerance = LOOSE.get(residual, {}).get(key, TOLERANCE)
             for step, (got, want) in enumerate(zip(result[key], ref[key], strict=True), 1):
                 rel = abs(got - want) / abs(want)
-                assert rel <= TOLERANCE, f"{layout} step {step} {key}: {got} vs {want} ({rel:.1e})"
-    # The steps really trained (the comparison is not between constants).
-    assert ref["loss"][0] != ref["loss"][-1]
+                assert rel <= tolerance, f"{layout} step {step} {key}: {got} vs {want} ({rel:.1e})"
+        # The steps really trained (the comparison is not between constants).
+        assert ref["loss"][0] != ref["loss"][-1]
 
 
 def test_two_rank_layouts_match_one_process(tmp_path):
@@ -58,6 +64,16 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 1, "pp": 1, "zero": 2},
         {"tp": 1, "pp": 1, "zero": 3},
     ]
+    assert_matches_reference(run_layouts(tmp_path, 2, layouts))
+
+
+RESIDUALS = ["plain", "heavy_ball", "yurii", "tmm", "adam", "adamw", "rmsprop", "muon", "ortho"]
+RESIDUALS += ["soap", "shampoo"]
+
+
+def test_every_residual_variant_crosses_pipeline_stages_as_a_whole_state(tmp_path):
+    """pp 2: the residual state (x, momentum, moments) travels between the stages."""
+    layouts = [{"tp": 1, "pp": 2, "zero": 1, "residual": r} for r in RESIDUALS]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
 

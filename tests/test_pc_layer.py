@@ -228,6 +228,8 @@ def test_merge_pc_cli(pc_run, tmp_path):
         "pc": ("eval", str(pc_run)),
         "again": ("merge-pc", str(pc_run), str(out)),  # never overwrites
         "nothing": ("merge-pc", str(out), str(tmp_path / "twice")),  # no PC layers left
+        "export": ("export-hf", str(out), str(tmp_path / "hf")),  # merged: plain Llama weights
+        "export_pc": ("export-hf", str(pc_run), str(tmp_path / "hf_pc")),  # not expressible
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         procs = {
@@ -238,6 +240,15 @@ def test_merge_pc_cli(pc_run, tmp_path):
     assert again.returncode == 1 and "already holds checkpoints" in again.stderr
     assert nothing.returncode == 1 and "no PC layers" in nothing.stderr
     assert len(nothing.stderr.strip().splitlines()) == 1
+    # The merged checkpoint exports to Hugging Face, and transformers computes the same logits.
+    assert procs["export"].returncode == 0, procs["export"].stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = samples[:2, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, plain_model(ids), rtol=1e-4, atol=1e-4)
+    assert procs["export_pc"].returncode != 0 and "preconditioner" in procs["export_pc"].stderr
 
 
 def test_bf16_autocast_keeps_the_polynomial_in_fp32():
