@@ -162,3 +162,15 @@ def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_p
     assert "failed" in survivor[0] or "did not finish" in survivor[0], survivor[0]
     newest = sorted((run / "checkpoints").glob("step_????????"))[-1]
     assert verify_checkpoint(newest).step >= 4
+
+
+def test_bf16_pipeline_run_matches_one_process_bf16(tiny_data, tmp_path):
+    """bf16 autocast over fp32 master weights: pp 2 trains as one process does in bf16."""
+    piped, single = tmp_path / "pp2", tmp_path / "single"
+    extra = ("trainer.precision=bf16", "trainer.checkpoint_every=0", "trainer.max_steps=3")
+    train(tiny_data, piped, *extra, "parallel.pipeline=2", "--nproc-per-node", "2")
+    train(tiny_data, single, *extra)
+    want, got = losses(single), losses(piped)
+    assert set(got) == {1, 2, 3}
+    for step in got:
+        assert abs(got[step] - want[step]) / want[step] <= 1e-4, (step, got, want)
