@@ -58,6 +58,17 @@ def pc_polynomial(Wn: torch.Tensor, coeffs: tuple[float, ...]) -> torch.Tensor:
     return poly_gram(Wn @ Wn.T, coeffs) @ Wn
 
 
+@torch.no_grad()
+def power_iteration(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iterations: int) -> None:
+    """Refine the top singular pair (u, v) of W in place, warm-started from their values."""
+    a, b = u.to(W.dtype), v.to(W.dtype)
+    for _ in range(iterations):
+        b = F.normalize(W.T @ a, dim=0)
+        a = F.normalize(W @ b, dim=0)
+    u.copy_(a)
+    v.copy_(b)
+
+
 def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -123,13 +134,7 @@ class PCLinear(nn.Module):
     @torch.no_grad()
     def post_optimizer_step(self, iterations: int | None = None) -> None:
         """Refine (u, v) by ``power_iter`` power iterations warm-started from the stored ones."""
-        W = _fp32(self.lin.weight)
-        u, v = self.u.to(W.dtype), self.v.to(W.dtype)
-        for _ in range(iterations or self.power_iter):
-            v = F.normalize(W.T @ u, dim=0)
-            u = F.normalize(W @ v, dim=0)
-        self.u.copy_(u)
-        self.v.copy_(v)
+        power_iteration(_fp32(self.lin.weight), self.u, self.v, iterations or self.power_iter)
 
     def post_init_weights(self) -> None:
         """After the model's (re-)initialisation: the first, cold power iteration, before step 0.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,33 @@ def tiny_data(tmp_path_factory) -> Path:
         progress=False,
     )
     return path
+
+
+def tiny_run_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """Overrides of a few-step CLI run on `tiny_data`: 4 steps of 8 samples in micro-batches of
+    2, a checkpoint every 2 steps, every step logged; ``extra`` (model, layout) goes last."""
+    return [
+        f"trainer.run_dir={run_dir}",
+        f"data.path={data}",
+        "data.max_bytes=60000",
+        f"trainer.seq_len={TINY_SEQ_LEN}",
+        "trainer.micro_batch_size=2",
+        "trainer.global_batch_size=8",
+        "trainer.max_steps=4",
+        "optim.warmup_steps=1",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint_every=2",
+        "trainer.progress=false",
+        *extra,
+    ]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):

@@ -3,7 +3,6 @@ checkpoints, resuming them under other layouts, and what happens when a rank die
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from arch import load_pretrained
-from tests.conftest import REPO, TINY_SEQ_LEN, run_cli
+from tests.conftest import REPO, logged_losses, run_cli, tiny_run_args
 from trainer.checkpoint import verify_checkpoint
 
 TOLERANCE = 1e-5
@@ -33,29 +32,7 @@ MODEL = [
 
 
 def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        f"trainer.run_dir={run_dir}",
-        f"data.path={data}",
-        "data.max_bytes=60000",
-        f"trainer.seq_len={TINY_SEQ_LEN}",
-        "trainer.micro_batch_size=2",
-        "trainer.global_batch_size=8",
-        "trainer.max_steps=4",
-        "optim.warmup_steps=1",
-        "trainer.log_every=1",
-        "trainer.eval_every=0",
-        "trainer.eval_batches=2",
-        "trainer.checkpoint_every=2",
-        "trainer.progress=false",
-        *MODEL,
-        *extra,
-    ]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+    return ["train", *tiny_run_args(data, run_dir, *MODEL, *extra)]
 
 
 def train(data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -85,7 +62,7 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     assert (
         dense["layers.2.inner.in_proj.weight"].shape[0] == 2 * 64
     )  # [x; z] of d_inner 64, whole again
-    assert set(losses(tp2_pp2_run)) == {1, 2, 3, 4}
+    assert set(logged_losses(tp2_pp2_run)) == {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize(
@@ -103,7 +80,7 @@ def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, t
     run = tmp_path / "resumed"
     proc = train(tiny_data, run, f"trainer.resume_from={step2}", *extra)
     assert "[resume]" in proc.stdout + proc.stderr
-    want, got = losses(tp2_pp2_run), losses(run)
+    want, got = logged_losses(tp2_pp2_run), logged_losses(run)
     assert set(got) == {3, 4}
     for step in (3, 4):
         if name == "same layout":  # exact resume: bit for bit
@@ -170,7 +147,7 @@ def test_bf16_pipeline_run_matches_one_process_bf16(tiny_data, tmp_path):
     extra = ("trainer.precision=bf16", "trainer.checkpoint_every=0", "trainer.max_steps=3")
     train(tiny_data, piped, *extra, "parallel.pipeline=2", "--nproc-per-node", "2")
     train(tiny_data, single, *extra)
-    want, got = losses(single), losses(piped)
+    want, got = logged_losses(single), logged_losses(piped)
     assert set(got) == {1, 2, 3}
     for step in got:
         assert abs(got[step] - want[step]) / want[step] <= 1e-4, (step, got, want)

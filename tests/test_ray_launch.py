@@ -15,9 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, TINY_SEQ_LEN, run_cli
-
-pytest.importorskip("ray.train")
+from tests.conftest import REPO, logged_losses, run_cli, tiny_run_args
 
 TOLERANCE = 1e-5
 WORKERS = ["--num-workers", "2"]
@@ -25,38 +23,16 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def args_for(command: str, data: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A tiny dense hybrid (no MoE: with an MoE layer, dp > 1 runs of this size hit a gloo size
-    mismatch after a few steps, with or without Ray)."""
+    """A tiny hybrid with a momentum residual, 2 data-parallel workers."""
+    model = ("model.pattern=*M*-", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2")
     return [
         command,
-        f"trainer.run_dir={run_dir}",
-        f"data.path={data}",
-        "data.max_bytes=60000",
-        f"trainer.seq_len={TINY_SEQ_LEN}",
-        "trainer.micro_batch_size=2",
-        "trainer.global_batch_size=8",
-        "trainer.max_steps=4",
-        "optim.warmup_steps=1",
-        "trainer.log_every=1",
-        "trainer.eval_every=0",
-        "trainer.eval_batches=2",
-        "trainer.checkpoint_every=2",
-        "trainer.progress=false",
-        "model.pattern=*M*-",
-        "model.d_model=32",
-        "model.n_heads=4",
-        "model.n_kv_heads=2",
-        "model.residual.name=heavy_ball",
-        *extra,
+        *tiny_run_args(data, run_dir, *model, "model.residual.name=heavy_ball", *extra),
     ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
 
 
 def free_port() -> int:
@@ -107,7 +83,7 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
     resumed = [line for line in out.splitlines() if "[resume] from" in line]
     assert resumed, out[-4000:]  # the restarted group resumed from a checkpoint
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, steps + 1))
-    got, want = losses(run), losses(whole)
+    got, want = logged_losses(run), logged_losses(whole)
     for step in range(1, steps + 1):
         assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
     print(f"embedded submit with a killed worker: {time.monotonic() - start:.1f} s")

@@ -51,7 +51,7 @@ from torch import nn
 
 from arch.config import ModelConfig
 from arch.model import HybridLM, lm_loss
-from arch.pc_layer import PCLinear, _fp32, pc_polynomial
+from arch.pc_layer import PCLinear, _fp32, pc_polynomial, power_iteration
 from arch.registry import ConfigError
 
 # Plugins with a TP recipe here (others cannot be split and are refused by check_tensor_parallel).
@@ -373,12 +373,7 @@ class TPPCLinear(nn.Module):
     def post_optimizer_step(self, iterations: int | None = None) -> None:
         """PCLinear's warm-started power iteration, on the gathered full W."""
         W = _fp32(_gather_full(self.lin.weight, self.layout))
-        u, v = self.u.to(W.dtype), self.v.to(W.dtype)
-        for _ in range(iterations or self.power_iter):
-            v = F.normalize(W.T @ u, dim=0)
-            u = F.normalize(W @ v, dim=0)
-        self.u.copy_(u)
-        self.v.copy_(v)
+        power_iteration(W, self.u, self.v, iterations or self.power_iter)
 
     def extra_repr(self) -> str:
         return f"{self.parallel}, level={self.level}, power_iter={self.power_iter}"
