@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -189,8 +190,40 @@ def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int
 # --- submit -----------------------------------------------------------------------------------
 
 
+class PreemptionRelay:
+    """SIGTERM / SIGUSR1 to the submitting process (Slurm's pre-emption signal reaches the batch
+    script's foreground command) become the trainer's PREEMPT notice in the run directory: every
+    rank checkpoints at the end of its step and the job ends; then submit exits 143."""
+
+    def __init__(self, run_dir: str) -> None:
+        from trainer.loop import PREEMPT_FILE
+
+        self.notice = Path(run_dir) / PREEMPT_FILE
+        self.signalled = False
+
+    def install(self) -> PreemptionRelay:
+        """After `ray.init` (which installs Ray's own handler, one that just exits)."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signalled = True
+        try:
+            self.notice.parent.mkdir(parents=True, exist_ok=True)
+            self.notice.touch()
+            print(f"\n[preempt] {signal.Signals(signum).name}: asked the run to checkpoint and "
+                  f"stop ({self.notice})", file=sys.stderr, flush=True)  # fmt: skip
+        except OSError as exc:
+            print(f"\n[preempt] cannot write {self.notice} ({exc}); the job goes on",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    def exit_code(self, code: int) -> int:
+        return 143 if self.signalled and code == 0 else code
+
+
 def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_workers: int,
-                 gpus: int) -> int:  # fmt: skip
+                 gpus: int, relay: PreemptionRelay | None = None) -> int:  # fmt: skip
     """An embedded Ray instance on 127.0.0.1 for this job, in the foreground."""
     import ray
 
@@ -203,6 +236,8 @@ def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_worke
         logging_level="WARNING",
         runtime_env={"env_vars": env},
     )
+    if relay is not None:
+        relay.install()
     try:
         return drive(config_yaml, config_name, num_workers, gpus)
     finally:
@@ -257,13 +292,15 @@ def connect(address: str | None):
 
 def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
            no_wait: bool = False) -> int:  # fmt: skip
-    """`hybridtron submit`: the job's exit code (0 when it succeeded)."""
+    """`hybridtron submit`: the job's exit code (0 when it succeeded, 143 when pre-empted)."""
     check_counts(num_workers, gpus)
     if address is None:
         if no_wait:
             raise UsageError("--no-wait needs --address (an embedded Ray runs in the foreground)")
         cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
-        return run_embedded(config_yaml, config_name, job_env(cfg), num_workers, gpus)
+        relay = PreemptionRelay(cfg.trainer.run_dir)
+        code = run_embedded(config_yaml, config_name, job_env(cfg), num_workers, gpus, relay)
+        return relay.exit_code(code)
     client, address = connect(address)  # first: an unreachable cluster fails at once
     cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
     total = resources_at(address)
@@ -294,7 +331,8 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
     print(f"  status / stop  hybridtron status|stop {job_id} --address {address}", flush=True)
     if no_wait:
         return 0
-    return follow(client, job_id, address)
+    relay = PreemptionRelay(cfg.trainer.run_dir).install()  # the run dir is on shared storage
+    return relay.exit_code(follow(client, job_id, address))
 
 
 def follow(client, job_id: str, address: str) -> int:

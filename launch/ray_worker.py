@@ -44,10 +44,10 @@ def load_config_text(text: str, world_size: int | None):
 
 def train_loop(loop_config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``: one rank of the run."""
-    from launch.cli import PREEMPTED_EXIT_CODE, _train_rank
+    from launch.cli import _train_rank
 
     _, world = export_rank_env()
     cfg = load_config_text(loop_config["config_yaml"], world)
-    code = _train_rank(cfg, loop_config.get("config_name"), reraise=True)
-    if code == PREEMPTED_EXIT_CODE:  # SIGTERM: checkpointed; let Ray restart the group
-        raise RuntimeError("pre-empted (SIGTERM) after checkpointing; the run resumes from it")
+    # Pre-empted (the driver wrote the PREEMPT notice; see launch.ray_job): every rank has
+    # checkpointed and returns, so the job ends instead of being restarted.
+    _train_rank(cfg, loop_config.get("config_name"), reraise=True)

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, logged_losses, run_cli, tiny_run_args
+from trainer.checkpoint import verify_checkpoint
 
 TOLERANCE = 1e-5
 WORKERS = ["--num-workers", "2"]
@@ -87,6 +88,39 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
     for step in range(1, steps + 1):
         assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
     print(f"embedded submit with a killed worker: {time.monotonic() - start:.1f} s")
+
+
+def test_sigterm_to_submit_checkpoints_every_worker_and_exits_143(tiny_data, tmp_path):
+    """Slurm's pre-emption signal reaches `hybridtron submit`, not the Ray workers: it becomes
+    the PREEMPT notice, every rank checkpoints the same step, the job ends (no restart), 143."""
+    run = tmp_path / "preempted"
+    extra = ("trainer.max_steps=400", "trainer.checkpoint_every=0")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args_for("submit", tiny_data, run, *extra),
+         *WORKERS],
+        cwd=REPO,
+        env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 3:
+            assert job.poll() is None, job.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "no training step within 240 s"
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        out, _ = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 143, out[-4000:]
+    assert "[preempted] PREEMPT file" in out
+    last = max(r["step"] for r in metrics(run) if "loss" in r)
+    newest = sorted((run / "checkpoints").glob("step_????????"))[-1]
+    assert verify_checkpoint(newest).step == last < 400
+    assert not (run / "PREEMPT").exists()
 
 
 @pytest.fixture(scope="module")

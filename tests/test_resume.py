@@ -197,8 +197,11 @@ def test_cli_reports_corrupt_resume_in_one_line(tmp_path, tiny_data):
     assert "state.pt" in lines[0] and "step_00000006" in lines[0]
 
 
-def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_data):
-    """A pre-empted job (SIGTERM) checkpoints the step it is in, exits 143, and resumes exactly."""
+@pytest.mark.parametrize("how", ["SIGTERM", "PREEMPT file"])
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_data, how):
+    """A pre-empted job (SIGTERM, or the PREEMPT notice file that `hybridtron submit` writes for
+    Ray workers, where no signal reaches the trainer) checkpoints the step it is in, exits 143,
+    and resumes exactly."""
     run = tmp_path / "preempted"
     steps = 5000  # far more than it will run: the signal stops it
     args = [
@@ -218,10 +221,14 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, tiny_data):
         not metrics.exists() or len(metrics.read_text().splitlines()) < 3
     ):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        (run / "PREEMPT").touch()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "[preempted] SIGTERM" in err and "Pre-empted: step" in out
+    assert f"[preempted] {how}" in err and "Pre-empted: step" in out
+    assert not (run / "PREEMPT").exists()  # honoured, so the resumed run goes on
     stopped = ckpt.find_latest_checkpoint(run / "checkpoints")
     assert stopped is not None and 3 <= stopped.step < steps
 

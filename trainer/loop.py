@@ -59,6 +59,9 @@ class TrainResult:
     preempted: bool = False  # stopped by SIGTERM/SIGUSR1 after checkpointing
 
 
+PREEMPT_FILE = "PREEMPT"  # in trainer.run_dir: asks a run to checkpoint and stop, like SIGTERM
+
+
 class PreemptionWatcher:
     """Turns SIGTERM / SIGUSR1 (what schedulers send before killing a job) into a flag.
 
@@ -69,9 +72,10 @@ class PreemptionWatcher:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, notice: Path | None = None) -> None:
         self.requested = False
         self.signal_name = ""
+        self.notice = notice
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
@@ -84,6 +88,14 @@ class PreemptionWatcher:
             return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    def check(self) -> bool:
+        """A signal arrived, or the notice file (`PREEMPT_FILE`) appeared: where no signal can
+        reach the trainer (Ray Train runs it off the main thread) the job's driver creates it."""
+        if not self.requested and self.notice is not None and self.notice.exists():
+            self.requested = True
+            self.signal_name = f"{self.notice.name} file"
+        return self.requested
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -234,7 +246,11 @@ class Trainer:
         tokens_per_step = t.global_batch_size * t.seq_len
         window_start, window_tokens = time.perf_counter(), 0
         stop = t.stop_at_step or t.max_steps
-        preemption = PreemptionWatcher()
+        notice = self.run_dir / PREEMPT_FILE
+        if self.main:
+            notice.unlink(missing_ok=True)  # a notice the previous run already honoured
+        self._barrier()
+        preemption = PreemptionWatcher(notice)
         try:
             while step < stop:
                 lr = lr_at(step, t.max_steps, cfg.optim)
@@ -274,9 +290,11 @@ class Trainer:
                     result.eval_loss = module.eval_loss(eval_set, t.micro_batch_size)
                     metrics.log(step, {"eval/loss": result.eval_loss})
                     bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
-                preempted = self._agreed(preemption.requested)
+                preempted = self._agreed(preemption.check())
                 if last or preempted or (t.checkpoint_every and step % t.checkpoint_every == 0):
                     result.last_checkpoint = self._save(module, loader, step, tokens)
+                if preempted and self.main:
+                    notice.unlink(missing_ok=True)  # honoured: a resumed run goes on
                 if preempted and not last:
                     result.preempted = True
                     bar.write(
