@@ -52,8 +52,10 @@ def test_slurm_script(nodes, tmp_path):
         assert re.search(rf"^export {name}=\S+$", text, re.M), name
     assert "export RAY_AUTH_MODE=token" in text and "export RAY_AUTH_TOKEN" in text
     assert "ray start --head" in text and 'ray start --address="$head_ip:$ray_port"' in text
-    job = text.strip().splitlines()[-1]
+    job = next(line for line in text.splitlines() if line.startswith("hybridtron submit"))
     assert job.startswith(f"hybridtron submit {RECIPE} trainer.max_steps=2000 ")
+    assert job.endswith(" &")  # in the background: the script passes SIGTERM on to it
+    assert "--signal=B:TERM@180" in sbatch and "trap 'kill -TERM \"$job_pid\"" in text
     assert '--address "http://${head_ip}:${dashboard_port}"' in job
     assert f"--num-workers {nodes * GPUS} --gpus-per-worker 1" in job
 
