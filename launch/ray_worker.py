@@ -46,8 +46,11 @@ def train_loop(loop_config: dict) -> None:
     """TorchTrainer's ``train_loop_per_worker``: one rank of the run."""
     from launch.cli import _train_rank
 
-    _, world = export_rank_env()
+    rank, world = export_rank_env()
     cfg = load_config_text(loop_config["config_yaml"], world)
+    if rank == 0:  # what the workers really got of cluster.env (NCCL / InfiniBand settings)
+        seen = ", ".join(f"{k}={os.environ.get(k, '<unset>')}" for k in sorted(cfg.cluster.env))
+        print(f"[ray] worker environment: {seen}", flush=True)
     # Pre-empted (the driver wrote the PREEMPT notice; see launch.ray_job): every rank has
     # checkpointed and returns, so the job ends instead of being restarted.
     _train_rank(cfg, loop_config.get("config_name"), reraise=True)

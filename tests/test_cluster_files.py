@@ -55,7 +55,7 @@ def test_slurm_script(nodes, tmp_path):
     job = next(line for line in text.splitlines() if line.startswith("hybridtron submit"))
     assert job.startswith(f"hybridtron submit {RECIPE} trainer.max_steps=2000 ")
     assert job.endswith(" &")  # in the background: the script passes SIGTERM on to it
-    assert "--signal=B:TERM@180" in sbatch and "trap 'kill -TERM \"$job_pid\"" in text
+    assert "--signal=B:TERM@180" in sbatch and 'trap \'kill -TERM "$job_pid"' in text
     assert '--address "http://${head_ip}:${dashboard_port}"' in job
     assert f"--num-workers {nodes * GPUS} --gpus-per-worker 1" in job
 

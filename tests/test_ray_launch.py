@@ -157,13 +157,15 @@ def test_submit_to_a_cluster_follows_the_job(ray_head, tiny_data, tmp_path):
     address, env = ray_head
     storage = tmp_path / "shared"  # launch.storage: the run directory becomes storage/<name>
     args = args_for("submit", tiny_data, tmp_path / "cluster", "trainer.max_steps=4",
-                    f"launch.storage={storage}")  # fmt: skip
+                    f"launch.storage={storage}", "cluster.env.HYBRIDTRON_PROBE=42")  # fmt: skip
     run = storage / "cluster"
     proc = run_cli(*args, "--address", address, *WORKERS, env=env)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     job_id = next(line.split()[2] for line in out.splitlines() if line.startswith("submitted job"))
     assert "Done: step 4/4" in out  # the trainer's output, followed to the end
+    seen = next(line for line in out.splitlines() if "[ray] worker environment:" in line)
+    assert "HYBRIDTRON_PROBE=42" in seen and "NCCL_IB_HCA=mlx5" in seen  # cluster.env arrived
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
     status = run_cli("status", job_id, "--address", address, env=env)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout, status.stderr
