@@ -84,3 +84,32 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
 
 def test_eight_ranks_pp2_tp2_dp2_match_one_process(tmp_path):
     assert_matches_reference(run_layouts(tmp_path, 8, [{"tp": 2, "pp": 2, "zero": 1}]))
+
+
+def test_srun_tasks_find_their_rendezvous():
+    """Under srun (no launcher of ours) the rank comes from SLURM_PROCID and rank 0's address and
+    port from the job's node list and id."""
+    from trainer.parallel.grid import env_world, slurm_rendezvous
+
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NODELIST": "gpu-node7,gpu-node8",
+        "SLURM_NTASKS_PER_NODE": "4(x2)",
+    }
+    found = slurm_rendezvous(env)
+    assert found["MASTER_ADDR"] == "gpu-node7"  # scontrol absent here: the plain list's first
+    assert found["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert found["LOCAL_WORLD_SIZE"] == "4"
+    assert slurm_rendezvous({**env, "WORLD_SIZE": "8"}) == {}  # torchrun inside srun: its own
+    saved = dict(os.environ)
+    try:
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        assert env_world() == (5, 8, 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

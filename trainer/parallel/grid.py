@@ -8,7 +8,9 @@ and hands DeepSpeed the small ``mpu`` adapter it needs to see the same groups.
 from __future__ import annotations
 
 import os
+import subprocess
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -68,6 +70,29 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    """Under ``srun`` (no launcher of ours): where rank 0 listens and how many ranks share a node.
+
+    MASTER_ADDR is the job's first node (``scontrol show hostnames``), MASTER_PORT is derived
+    from the job id so concurrent jobs on a node do not collide. Empty outside Slurm.
+    """
+    if "SLURM_PROCID" not in env or "WORLD_SIZE" in env:
+        return {}
+    out = {"MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)}
+    nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if nodes:
+        try:
+            hosts = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+            ).stdout.split()
+            out["MASTER_ADDR"] = hosts[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            out["MASTER_ADDR"] = nodes.split(",")[0].split("[")[0]  # a plain "node1,node2"
+    if "SLURM_NTASKS_PER_NODE" in env:
+        out["LOCAL_WORLD_SIZE"] = env["SLURM_NTASKS_PER_NODE"].split("(")[0]
+    return out
+
+
 def is_distributed_launch() -> bool:
     """Whether this process is one of several (a launcher set a world size above 1)."""
     return env_world()[1] > 1
@@ -83,9 +108,14 @@ def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    for key, value in slurm_rendezvous(os.environ).items():
+        os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        raise UserError("MASTER_PORT is not set; launch with hybridtron train --nproc-per-node N")
+        raise UserError(
+            "MASTER_PORT is not set; launch with hybridtron train --nproc-per-node N, torchrun, "
+            "srun or hybridtron submit"
+        )
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
