@@ -18,6 +18,7 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: tells a scheduler the job did not fi
 MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimizer-inspired LMs.
 
   hybridtron train [CONFIG] [key=value ...]      train (resumes from the newest checkpoint)
+        [--nproc-per-node N]                     ... as N processes: parallel.tensor/pipeline/zero_stage
   hybridtron eval CKPT                           held-out loss of a checkpoint
   hybridtron generate CKPT --prompt TEXT         sample text (greedy or top-p)
   hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
