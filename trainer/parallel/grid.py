@@ -93,11 +93,6 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def is_distributed_launch() -> bool:
-    """Whether this process is one of several (a launcher set a world size above 1)."""
-    return env_world()[1] > 1
-
-
 def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
     """Join the process group (NCCL on GPU, gloo on CPU) and build Megatron's groups.
 

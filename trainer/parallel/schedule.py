@@ -46,10 +46,7 @@ def one_f_one_b(
     for i in range(steady):
         output, ctx = forward(next_fwd, received)
         in_flight.append((next_fwd, output, ctx))
-        if link.next is None:
-            out_grads = None
-        else:
-            out_grads = link.send_forward_recv_backward(output, shapes, next_fwd)
+        out_grads = link.send_forward_recv_backward(output, shapes, next_fwd)  # None: last stage
         next_fwd += 1
         mb, out, ctx = in_flight.pop(0)
         in_grads = backward(mb, out, out_grads, ctx)
@@ -81,7 +78,6 @@ def forward_only(
     for mb in range(num_micro_batches):
         received = link.recv_forward(shapes_of(mb), mb)
         output = forward(mb, received)
-        if link.next is not None:
-            link.send_forward(output, shapes_of(mb), mb)
+        link.send_forward(output, shapes_of(mb), mb)  # nothing on the last stage
         outputs.append(output)
     return outputs

@@ -103,26 +103,4 @@ class PipelineStage(nn.Module):
             state = m.layers[i](state, doc_ids)
         if not self.last:
             return state
-        h = m.norm(state["x"])
-        if self.tied_head is not None:
-            return parallel_logits(_HeadView(m, self.tied_head), h)
-        return parallel_logits(m, h)
-
-    def named_model_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(dense-model name, parameter) of what this stage trains."""
-        return list(self.model.named_parameters())
-
-
-class _HeadView:
-    """What `parallel_logits` reads of a model (cfg, embed.weight, head) with the last stage's
-    copy of the tied embedding in place of the embedding it does not hold."""
-
-    def __init__(self, model: HybridLM, weight: torch.Tensor) -> None:
-        self.cfg = model.cfg
-        self.head = None
-        self.embed = _WeightHolder(weight)
-
-
-class _WeightHolder:
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
+        return parallel_logits(m, m.norm(state["x"]), weight=self.tied_head)

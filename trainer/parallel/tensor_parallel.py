@@ -579,15 +579,19 @@ def parallel_embed(model: HybridLM, input_ids: torch.Tensor) -> torch.Tensor:
     return model.embed(input_ids)
 
 
-def parallel_logits(model: HybridLM, h: torch.Tensor) -> torch.Tensor:
+def parallel_logits(
+    model: HybridLM, h: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Logits from the final-normed hidden state ``h``.
 
     tp == 1: [B, T, vocab_size] as `HybridLM.forward`. Under TP: [B, T, V_pad / tp], this rank's
     slice of the padded vocabulary, with the padding rows' logits at -inf (they never count).
-    Reads only ``model.cfg``, ``model.head`` and ``model.embed.weight`` (tied).
+    ``weight``: the output matrix when the model does not hold it (a last pipeline stage's copy
+    of the tied embedding); by default the head's, or the embedding's when tied.
     """
     cfg = model.cfg
-    weight = model.embed.weight if model.head is None else model.head.weight
+    if weight is None:
+        weight = model.embed.weight if model.head is None else model.head.weight
     tp = tp_size()
     if tp == 1:
         return F.linear(h, weight[: cfg.vocab_size])
