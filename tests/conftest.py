@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +82,38 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@contextlib.contextmanager
+def cli_in_background(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """The real CLI running in the background (stdout and stderr piped), killed if still
+    running when the block ends."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+
+
+def wait_until(job: subprocess.Popen, done: Callable[[], bool], seconds: float, what: str) -> None:
+    """Poll ``done()`` while ``job`` runs; fail with the job's output if it ends first, or
+    when ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if job.poll() is not None:
+            out, err = job.communicate()
+            pytest.fail(f"the job ended ({job.returncode}) before {what}:\n{(out + err)[-4000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
+        time.sleep(0.1)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):

@@ -3,10 +3,8 @@ checkpoints, resuming them under other layouts, and what happens when a rank die
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 
 from arch import load_pretrained
-from tests.conftest import REPO, logged_losses, run_cli, tiny_run_args
+from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import verify_checkpoint
 
 TOLERANCE = 1e-5
@@ -107,30 +105,15 @@ def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_p
     run = tmp_path / "killed"
     args = train_args(tiny_data, run, "parallel.pipeline=2", "parallel.timeout_s=10")
     args = [a for a in args if not a.startswith("trainer.max_steps")] + ["trainer.max_steps=400"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", *args, "--nproc-per-node", "2"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "step_00000004").exists():
-            assert job.poll() is None, job.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.2)
+    step4 = run / "checkpoints" / "step_00000004"
+    with cli_in_background(*args, "--nproc-per-node", "2", env={"OMP_NUM_THREADS": "1"}) as job:
+        wait_until(job, step4.exists, 300, "checkpoint at step 4")
         victim = next(
             p for p in psutil.Process(job.pid).children() if p.environ().get("RANK") == "1"
         )
         victim.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         _, stderr = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
     assert job.returncode != 0
     assert time.monotonic() - killed_at < 10 + 15 + 20  # timeout + grace + start-up slack
     assert "rank 1 of 2 failed (was killed by SIGKILL)" in stderr, stderr[-1500:]

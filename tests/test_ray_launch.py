@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import REPO, logged_losses, run_cli, tiny_run_args
+from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import verify_checkpoint
 
 TOLERANCE = 1e-5
@@ -53,21 +53,9 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "killed"
     start = time.monotonic()
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", *args_for("submit", tiny_data, run, *extra),
-         *WORKERS],
-        cwd=REPO,
-        env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "checkpoints" / "step_00000002").exists():
-            assert job.poll() is None, job.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
+    step2 = run / "checkpoints" / "step_00000002"
+    with cli_in_background(*args_for("submit", tiny_data, run, *extra), *WORKERS, env=ENV) as job:
+        wait_until(job, step2.exists, 240, "checkpoint at step 2")
         workers = [
             p
             for p in psutil.Process(job.pid).children(recursive=True)
@@ -75,10 +63,8 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
         ]
         assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[-1].send_signal(signal.SIGKILL)
-        out, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
+        out, err = job.communicate(timeout=300)
+        out += err
     assert job.returncode == 0, out[-4000:]
     assert f"Done: step {steps}/{steps}" in out
     resumed = [line for line in out.splitlines() if "[resume] from" in line]
@@ -95,26 +81,12 @@ def test_sigterm_to_submit_checkpoints_every_worker_and_exits_143(tiny_data, tmp
     the PREEMPT notice, every rank checkpoints the same step, the job ends (no restart), 143."""
     run = tmp_path / "preempted"
     extra = ("trainer.max_steps=400", "trainer.checkpoint_every=0")
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", *args_for("submit", tiny_data, run, *extra),
-         *WORKERS],
-        cwd=REPO,
-        env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not (run / "metrics.jsonl").exists() or len(metrics(run)) < 3:
-            assert job.poll() is None, job.communicate()[0][-4000:]
-            assert time.monotonic() < deadline, "no training step within 240 s"
-            time.sleep(0.1)
+    with cli_in_background(*args_for("submit", tiny_data, run, *extra), *WORKERS, env=ENV) as job:
+        logged = run / "metrics.jsonl"
+        wait_until(job, lambda: logged.exists() and len(metrics(run)) >= 3, 240, "3 steps")
         job.send_signal(signal.SIGTERM)
-        out, _ = job.communicate(timeout=180)
-    finally:
-        if job.poll() is None:
-            job.kill()
+        out, err = job.communicate(timeout=180)
+        out += err
     assert job.returncode == 143, out[-4000:]
     assert "[preempted] PREEMPT file" in out
     last = max(r["step"] for r in metrics(run) if "loss" in r)
