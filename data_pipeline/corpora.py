@@ -14,7 +14,13 @@ from pathlib import Path
 
 from data_pipeline.config import DataConfig
 from data_pipeline.registries import DATASETS
-from data_pipeline.sources import IngestReport, expand_inputs, hash_files, read_documents
+from data_pipeline.sources import (
+    IngestReport,
+    expand_inputs,
+    hash_files,
+    named_files,
+    read_documents,
+)
 
 
 def capped(docs: Iterator[str], max_bytes: int | None) -> Iterator[str]:
@@ -55,5 +61,7 @@ class FilesCorpus:
         return {"files": hash_files(expand_inputs(list(cfg.inputs))), "text_field": cfg.text_field}
 
     def documents(self, cfg: DataConfig, report: IngestReport) -> Iterator[str]:
-        files = expand_inputs(list(cfg.inputs))
-        return capped(read_documents(files, cfg.text_field, report, cfg.skip_bad), cfg.max_bytes)
+        inputs = list(cfg.inputs)
+        files = expand_inputs(inputs, report)
+        docs = read_documents(files, cfg.text_field, report, cfg.skip_bad, named_files(inputs))
+        return capped(docs, cfg.max_bytes)

@@ -1,20 +1,32 @@
 """Corpus -> tokenized, packed MDS shards (train/ and eval/), written atomically.
 
 Documents are tokenized, each followed by the tokenizer's end-of-document token, concatenated per
-split and cut into samples of ``seq_len + 1`` tokens (inputs and shifted targets). A document goes
-to eval when its index falls in a low-discrepancy sequence, so the held-out share is close to
-``eval_fraction`` for any corpus size. The directory is built under a temporary name and renamed,
-and ``hybridtron_data.json`` (the manifest) says what it holds.
+split and cut into samples of ``seq_len + 1`` tokens (inputs and shifted targets).
+
+The held-out split, by the corpus's size in documents:
+
+- enough documents that about ``MIN_EVAL_DOCUMENTS`` of them go to eval: whole documents, the
+  ones whose index falls in a low-discrepancy (golden-ratio) sequence, so the held-out share is
+  close to ``eval_fraction`` at any size and no position (the first document included) is
+  favoured;
+- fewer (one big text file, a handful of books): the last ``eval_fraction`` of the token stream,
+  as nanoGPT does with its input.txt; per-document, one document would be the whole eval set or
+  none of it.
+
+Both depend only on the document stream, never on the number of tokenizer workers. The directory
+is built under a temporary name and renamed, and ``hybridtron_data.json`` (the manifest) says
+what it holds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +60,25 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
+MIN_EVAL_DOCUMENTS = 4
+
+
 def is_eval_document(index: int, eval_fraction: float) -> bool:
-    return (index * _GOLDEN) % 1.0 < eval_fraction
+    """Whether document ``index`` (from 0) is held out: frac((index + 1) * golden) < fraction.
+
+    Counting from 1 matters: frac(0) = 0 would send the first document to eval at any fraction.
+    """
+    return ((index + 1) * _GOLDEN) % 1.0 < eval_fraction
+
+
+def documents_for_a_split_by_document(eval_fraction: float) -> int:
+    """The fewest documents split per document; a smaller corpus is split by tokens."""
+    return math.ceil(MIN_EVAL_DOCUMENTS / eval_fraction)
+
+
+def eval_tail_tokens(total_tokens: int, eval_fraction: float) -> int:
+    """Tokens held out at the end of a corpus split by tokens."""
+    return round(total_tokens * eval_fraction)
 
 
 class _Packer:
@@ -59,6 +88,7 @@ class _Packer:
         self.sample_len, self.dtype = sample_len, dtype
         self.buffer = np.zeros(0, dtype=dtype)
         self.samples = self.tokens = 0
+        self.received = self.documents = 0  # all tokens / documents given, leftovers included
         self.writer = MDSWriter(
             out=str(out),
             columns={"tokens": f"ndarray:{dtype.name}"},
@@ -67,8 +97,9 @@ class _Packer:
             size_limit=shard_size,
         )
 
-    def add(self, ids: Iterable[int]) -> None:
-        self.buffer = np.concatenate([self.buffer, np.fromiter(ids, dtype=self.dtype)])
+    def add(self, ids: np.ndarray) -> None:
+        self.received += len(ids)
+        self.buffer = np.concatenate([self.buffer, ids.astype(self.dtype, copy=False)])
         n_full = len(self.buffer) // self.sample_len
         for row in self.buffer[: n_full * self.sample_len].reshape(n_full, self.sample_len):
             self.writer.write({"tokens": row})
@@ -79,6 +110,66 @@ class _Packer:
     def finish(self) -> dict:
         self.writer.finish()
         return {"samples": self.samples, "tokens": self.tokens}
+
+
+class _Splitter:
+    """Routes each document's tokens to the train or eval packer (see the module's docstring).
+
+    The first documents wait until the corpus proves large enough for a split by document;
+    one that ends sooner has all of its tokens here and is split by tokens in ``finish``.
+    """
+
+    def __init__(self, packers: dict[str, _Packer], eval_fraction: float) -> None:
+        self.packers, self.eval_fraction = packers, eval_fraction
+        self.waiting: list[np.ndarray] | None = []
+        self.minimum = documents_for_a_split_by_document(eval_fraction)
+        self.documents = 0
+        self.mode = "documents"
+
+    def add(self, doc: np.ndarray) -> None:
+        self.documents += 1
+        if self.waiting is None:
+            self._route(self.documents - 1, doc)
+            return
+        self.waiting.append(doc)
+        if len(self.waiting) == self.minimum:
+            waiting, self.waiting = self.waiting, None
+            for index, held in enumerate(waiting):
+                self._route(index, held)
+
+    def _route(self, index: int, doc: np.ndarray) -> None:
+        split = "eval" if is_eval_document(index, self.eval_fraction) else "train"
+        self.packers[split].add(doc)
+        self.packers[split].documents += 1
+
+    def finish(self) -> None:
+        if self.waiting is None:
+            return
+        self.mode = "tokens"
+        stream = np.concatenate(self.waiting) if self.waiting else np.zeros(0, np.int64)
+        cut = len(stream) - eval_tail_tokens(len(stream), self.eval_fraction)
+        self.packers["train"].add(stream[:cut])
+        self.packers["eval"].add(stream[cut:])
+        self.waiting = None
+
+    def too_small(self, split: str, sample_len: int, dataset: str) -> str:
+        """Why ``split`` has no sample, with the fixes that can help."""
+        packer = self.packers[split]
+        if self.mode == "documents":
+            where = f"{packer.documents} of {self.documents} documents"
+        else:
+            total = sum(p.received for p in self.packers.values())
+            where = (
+                f"{'the last' if split == 'eval' else 'the first'} {packer.received} of {total} "
+                f"tokens: {self.documents} document(s), fewer than {self.minimum}, are split by "
+                f"tokens"
+            )
+        other = "larger" if split == "eval" else "smaller"
+        return (
+            f"the {split} split of data.dataset={dataset} has {packer.received} tokens ({where}), "
+            f"less than one sample of {sample_len} tokens; use more data, a shorter "
+            f"trainer.seq_len or a {other} data.eval_fraction (now {self.eval_fraction})"
+        )
 
 
 _worker_tokenizer = None
@@ -176,31 +267,34 @@ def prepare_data(
 
     started = time.time()
     packers = {s: _Packer(tmp / s, seq_len + 1, dtype, cfg.shard_size_bytes) for s in SPLITS}
-    n_docs = n_bytes = 0
+    splitter = _Splitter(packers, cfg.eval_fraction)
+    n_bytes = 0
     try:
         docs = corpus.documents(cfg, report)
         bar = tqdm(
             desc="tokenizing", unit="doc", disable=not progress, leave=False, file=sys.stderr
         )
-        for index, (chars, ids) in enumerate(encode_documents(docs, cfg, cfg.workers)):
-            split = "eval" if is_eval_document(index, cfg.eval_fraction) else "train"
-            packers[split].add([*ids, tokenizer.eos_id])
-            n_docs, n_bytes = n_docs + 1, n_bytes + chars
+        for chars, ids in encode_documents(docs, cfg, cfg.workers):
+            splitter.add(np.array([*ids, tokenizer.eos_id], dtype=dtype))
+            n_bytes += chars
             bar.update(1)
             bar.set_postfix_str(
-                f"{sum(p.tokens for p in packers.values()) / 1e6:.1f}M tokens", refresh=False
+                f"{sum(p.received for p in packers.values()) / 1e6:.1f}M tokens", refresh=False
             )
         bar.close()
+        splitter.finish()
         splits = {s: p.finish() for s, p in packers.items()}
+        n_docs = splitter.documents
         if n_docs == 0:
             raise UserError(f"data.dataset={cfg.dataset} yielded no document; check the inputs")
         for split, stats in splits.items():
             if stats["samples"] == 0:
-                raise UserError(
-                    f"the {split} split of data.dataset={cfg.dataset} has no sample of "
-                    f"{seq_len + 1} tokens ({n_docs} documents, {n_bytes} characters); use more data "
-                    f"(data.max_bytes), a shorter trainer.seq_len or another data.eval_fraction"
-                )
+                raise UserError(splitter.too_small(split, seq_len + 1, cfg.dataset))
+    except UserError as exc:
+        for line in report.summary():  # what was skipped explains many failures
+            exc.add_note(line)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,6 +311,10 @@ def prepare_data(
         "tokens": sum(stats["tokens"] for stats in splits.values()),
         "skipped_records": report.skipped,
         "skipped_examples": report.skipped_examples,
+        "skipped_empty_files": report.empty_files,
+        "skipped_other_files": report.other_files,
+        "skip_summary": report.summary(),
+        "eval_split": splitter.mode,  # "documents" or "tokens" (the tail of a small corpus)
         "splits": splits,
         "seconds": round(seconds, 2),
         "workers": cfg.workers,

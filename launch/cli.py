@@ -46,9 +46,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """(recipe or None, overrides), the overrides a new list (callers append to it)."""
     if args and "=" not in args[0]:
-        return args[0], args[1:]
-    return None, args
+        return args[0], list(args[1:])
+    return None, list(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +263,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None:
         overrides.append(f"launch.nproc_per_node={args.nproc_per_node}")
     world = env_world()[1]  # > 1: this process is one rank of a launch (ours, torchrun, Slurm, Ray)
-    cfg = load_config(config, overrides, world_size=world if world > 1 else None)
+    if world > 1:  # the launching process (or each rank of torchrun) said it already
+        cfg = load_config(config, overrides, world_size=world, note=None)
+    else:
+        cfg = load_config(config, overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
         import torch
@@ -273,26 +277,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             n = count_parameters(build_model(cfg.model))
         print(f"# parameters: {n:,} ({n / 1e6:.2f}M)")
         return 0
+    command = _train_command(args)
     if world > 1:
-        return _train_rank(cfg, config)
+        return _train_rank(cfg, config, command=command)
     if cfg.launch.nproc_per_node > 1:
         from launch.spawn import spawn
 
-        argv = ["train", *args.args]
-        if args.resume_from:
-            argv += ["--resume-from", args.resume_from]
+        # The ranks get this command line, flags included, so rank 0's hints repeat it.
+        argv = command + (["--resume-from", args.resume_from] if args.resume_from else [])
         return spawn(argv, cfg.launch.nproc_per_node, cfg.parallel.timeout_s, log=print)
     from trainer import Trainer
 
     result = Trainer(cfg).fit()
-    _print_summary(cfg, config, result)
+    _print_summary(cfg, result, command)
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
-def _train_rank(cfg, config: str | None, reraise: bool = False) -> int:
+def _train_command(args: argparse.Namespace) -> list[str]:
+    """`train` with its recipe, overrides and --nproc-per-node, as parsed (no --resume-from)."""
+    command = ["train", *args.args]
+    if args.nproc_per_node is not None:
+        command += ["--nproc-per-node", str(args.nproc_per_node)]
+    return command
+
+
+def _train_rank(
+    cfg, config: str | None, reraise: bool = False, command: list[str] | None = None
+) -> int:
     """One rank of a multi-process run: join the grid, train, report failures by rank.
 
-    ``reraise``: raise errors instead of ending the process (a Ray Train worker)."""
+    ``reraise``: raise errors instead of ending the process (a Ray Train worker).
+    ``command``: the command line after `hybridtron` that started the run, for the hints at
+    the end (None in a Ray worker: a `submit` of the run directory's resolved config)."""
     import logging
 
     from trainer import Trainer
@@ -320,17 +336,101 @@ def _train_rank(cfg, config: str | None, reraise: bool = False) -> int:
         os._exit(1)
     dog.stop()
     if grid.is_main:
-        _print_summary(cfg, config, result)
+        if command is None:
+            command = _resolved_submit_command(cfg, grid.world)
+        _print_summary(cfg, result, command)
     destroy_grid()
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
-def _print_summary(cfg, config: str | None, result) -> None:
+def _resolved_submit_command(cfg, world: int) -> list[str]:
+    """A Ray run's `submit` command when the worker was not told the one the user typed: the
+    run directory's resolved config (every key the run had) as the recipe."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    command = ["submit", str(Path(cfg.trainer.run_dir) / "config.yaml"), "--num-workers"]
+    return command + [str(world)] + (["--gpus-per-worker", str(gpus)] if gpus else [])
+
+
+def _parse_command(command: Sequence[str]) -> tuple[str, str | None, list[str], list[str]]:
+    """(subcommand, recipe, overrides, options) of a `train` or `submit` command line; the
+    options normalised to ``--flag value`` and --resume-from left out (hints never repeat it)."""
+    args, extra = build_parser().parse_known_args(list(command))
+    recipe, overrides = _split_config([*args.args, *extra])
+    flags: list[str] = []
+    if args.command == "train" and args.nproc_per_node is not None:
+        flags += ["--nproc-per-node", str(args.nproc_per_node)]
+    if args.command == "submit":
+        flags += ["--address", args.address] if args.address else []
+        flags += ["--num-workers", str(args.num_workers)]
+        flags += ["--gpus-per-worker", str(args.gpus_per_worker)] if args.gpus_per_worker else []
+        flags += ["--no-wait"] if args.no_wait else []
+    return args.command, recipe, overrides, flags
+
+
+def _set_keys(
+    overrides: list[str], changes: dict[str, str | None], recipe: str | None
+) -> list[str]:
+    """``overrides`` with each key of ``changes`` set to its value: an override of the key is
+    replaced in place, else one is appended. None unsets the key: its overrides go, and
+    ``key=null`` is appended only when the recipe sets it."""
+    out = list(overrides)
+    for key, value in changes.items():
+        spots = [i for i, item in enumerate(out) if item.partition("=")[0] == key]
+        if value is None:
+            out = [item for i, item in enumerate(out) if i not in spots]
+            if recipe and _recipe_sets(recipe, key):
+                out.append(f"{key}=null")
+        elif spots:
+            out[spots[-1]] = f"{key}={value}"  # the last one is the one that counted
+            out = [item for i, item in enumerate(out) if i not in spots[:-1]]
+        else:
+            out.append(f"{key}={value}")
+    return out
+
+
+def _recipe_sets(recipe: str, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    from launch.config import _load_recipe
+
+    return OmegaConf.select(_load_recipe(recipe), key, default=None) is not None
+
+
+def rerun_commands(command: Sequence[str], cfg) -> tuple[str, str]:
+    """("resume", "continue longer") command lines for a run started by ``command`` (the
+    arguments after `hybridtron`): that command with only the keys that must change replaced,
+    shell-quoted. Both go on from the newest checkpoint in the run directory, so a
+    --resume-from / trainer.resume_from, trainer.stop_at_step or trainer.resume=false is
+    dropped; "continue longer" doubles trainer.max_steps and, when the warm-up took the whole
+    run (the CLI shortens a longer one to max_steps - 1), keeps it at what the run used, so
+    that a longer run does not warm up again."""
+    sub, recipe, overrides, flags = _parse_command(command)
+    t, o = cfg.trainer, cfg.optim
+    resume: dict[str, str | None] = {}
+    if t.resume_from:
+        resume["trainer.resume_from"] = None
+    if t.stop_at_step is not None:
+        resume["trainer.stop_at_step"] = None
+    if not t.resume:
+        resume["trainer.resume"] = "true"
+    longer = {**resume, "trainer.max_steps": str(2 * t.max_steps)}
+    if o.warmup_steps >= t.max_steps - 1:
+        longer["optim.warmup_steps"] = str(o.warmup_steps)
+
+    def line(changes: dict[str, str | None]) -> str:
+        items = _set_keys(overrides, changes, recipe)
+        return shlex.join(["hybridtron", sub, *([recipe] if recipe else []), *items, *flags])
+
+    return line(resume), line(longer)
+
+
+def _print_summary(cfg, result, command: Sequence[str]) -> None:
     run = result.run_dir
-    ckpt = result.last_checkpoint
+    ckpt = result.last_checkpoint or result.resumed_from  # a resumed run may have had no step
     last_loss = result.losses[max(result.losses)] if result.losses else float("nan")
-    recipe = f"{shlex.quote(config)} " if config else ""
-    more = cfg.trainer.max_steps * 2
+    resume, longer = rerun_commands(command, cfg)
     head = "Pre-empted" if result.preempted else "Done"
     lines = [
         f"{head}: step {result.step}/{cfg.trainer.max_steps}, train loss {last_loss:.4f}"
@@ -344,8 +444,8 @@ def _print_summary(cfg, config: str | None, result) -> None:
         f"  TensorBoard      tensorboard --logdir {run / 'tb'}",
         f"  loss plot        {result.plot}",
         f"  checkpoint       {ckpt}",
-        f"  resume           hybridtron train {recipe}trainer.run_dir={run}   (picks up the newest checkpoint)",
-        f"  continue longer  hybridtron train {recipe}trainer.run_dir={run} trainer.max_steps={more}",
+        f"  resume           {resume}  # picks up the newest checkpoint",
+        f"  continue longer  {longer}",
         f"  evaluate         hybridtron eval {ckpt}",
         f"  generate         hybridtron generate {ckpt} --prompt 'def '",
     ]
@@ -430,18 +530,28 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     cfg = load_config(config, overrides)
-    prepared = prepare_data(cfg.data, cfg.trainer.seq_len, overwrite=args.overwrite)
+    try:
+        prepared = prepare_data(cfg.data, cfg.trainer.seq_len, overwrite=args.overwrite)
+    except UserError as exc:
+        for note in getattr(exc, "__notes__", []):  # what was skipped, before the error line
+            print(note, file=sys.stderr)
+        raise
     m = prepared.manifest
     if prepared.up_to_date:
         print(f"{prepared.path} is up to date (same inputs, tokenizer and settings): nothing to do")
         return 0
-    if m["skipped_records"]:
-        print(f"skipped {m['skipped_records']} bad records, e.g. {m['skipped_examples'][0]}")
+    for line in m["skip_summary"]:
+        print(line)
     print(
-        f"prepared {m['documents']} documents ({m['characters'] / 1e6:.1f}M characters) of {m['dataset']!r} with "
+        f"prepared {m['documents']} documents ({m['characters']:,} characters) of {m['dataset']!r} with "
         f"tokenizer {m['tokenizer']!r}: {m['splits']['train']['samples']} train and "
         f"{m['splits']['eval']['samples']} eval samples of {m['seq_len'] + 1} tokens in {prepared.path}"
     )
+    if m["eval_split"] == "tokens":
+        print(
+            f"eval holds the last {cfg.data.eval_fraction:.0%} of the tokens: too few documents "
+            f"to hold out whole ones"
+        )
     return 0
 
 

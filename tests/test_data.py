@@ -27,7 +27,12 @@ from data_pipeline import (
     read_manifest,
 )
 from data_pipeline.corpora import StdlibCorpus
-from data_pipeline.prepare import MANIFEST, is_eval_document
+from data_pipeline.prepare import (
+    MANIFEST,
+    documents_for_a_split_by_document,
+    eval_tail_tokens,
+    is_eval_document,
+)
 from data_pipeline.sources import IngestReport
 from data_pipeline.tokenizers import ByteTokenizer
 
@@ -36,12 +41,18 @@ TINY_MAX_BYTES = 60_000  # what conftest's `tiny_data` was prepared with
 
 
 def expected_samples(docs, eval_fraction: float, sample_len: int) -> dict[str, torch.Tensor]:
-    """Rebuild both splits by hand: each document's bytes + EOS, per split, cut into samples."""
+    """Rebuild both splits by hand: each document's bytes + EOS, per split (whole documents, or
+    the tail of the token stream for a corpus of few documents), cut into samples."""
     tok = ByteTokenizer()
+    docs = [[*text.encode("utf-8"), tok.eos_id] for text in docs]
     streams: dict[str, list[int]] = {"train": [], "eval": []}
-    for index, text in enumerate(docs):
-        split = "eval" if is_eval_document(index, eval_fraction) else "train"
-        streams[split] += [*text.encode("utf-8"), tok.eos_id]
+    if len(docs) >= documents_for_a_split_by_document(eval_fraction):
+        for index, ids in enumerate(docs):
+            streams["eval" if is_eval_document(index, eval_fraction) else "train"] += ids
+    else:
+        stream = [t for ids in docs for t in ids]
+        cut = len(stream) - eval_tail_tokens(len(stream), eval_fraction)
+        streams = {"train": stream[:cut], "eval": stream[cut:]}
     out = {}
     for split, ids in streams.items():
         n = len(ids) // sample_len
@@ -111,10 +122,11 @@ def test_splits_hold_the_corpus_token_for_token(data, expected):
     # Documents end with EOS, and the decoded text is the corpus text.
     tok = ByteTokenizer()
     assert (train == tok.eos_id).any()
-    first_doc = next(iter(stdlib_docs(TINY_MAX_BYTES)))
-    assert is_eval_document(0, DataConfig().eval_fraction)  # doc 0 is held out ...
+    docs = list(stdlib_docs(TINY_MAX_BYTES))
+    assert len(docs) < documents_for_a_split_by_document(DataConfig().eval_fraction)
+    assert read_manifest(data)["eval_split"] == "tokens"  # too few documents: eval is the tail
     eval_text = tok.decode(load_eval_set(DataConfig(path=str(data)), 10**6).flatten().tolist())
-    assert eval_text.startswith(first_doc[:500])  # ... and opens the eval stream
+    assert eval_text[:500] in docs[-1]
 
 
 def write(path: Path, text: str) -> Path:
@@ -187,6 +199,9 @@ def test_missing_or_absent_inputs(tmp_path):
     with pytest.raises(UserError, match="data.inputs"):
         prepare_data(DataConfig(path=str(tmp_path / "o"), dataset="files"), 15, progress=False)
     cfg = DataConfig(path=str(tmp_path / "o"), dataset="files", inputs=[str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="'.*nope' does not exist"):
+        prepare_data(cfg, 15, progress=False)
+    cfg.inputs = [str(tmp_path / "*.jsonl")]
     with pytest.raises(UserError, match="matches no"):
         prepare_data(cfg, 15, progress=False)
     assert not (tmp_path / "o").exists()
@@ -207,23 +222,26 @@ def test_existing_directory_needs_overwrite(tmp_path):
 
 
 def split_too_small(tmp_path: Path, split: str) -> DataConfig:
-    """A corpus whose `split` gets less than one sample (document 0 always goes to eval)."""
+    """Two documents of 40 tokens with EOS: split by tokens, `split` gets less than a sample."""
     src = tmp_path / "src"
-    if split == "eval":
-        write(src / "0.txt", "hi")
-        write(src / "1.txt", doc("long"))
-    else:
-        write(src / "0.txt", doc("long"))
-        write(src / "1.txt", "hi")
+    write(src / "0.txt", "a" * 39)
+    write(src / "1.txt", "b" * 39)
+    fraction = 0.1 if split == "eval" else 0.9  # 8 or 72 of the 80 tokens held out
     return DataConfig(
-        path=str(tmp_path / "d"), dataset="files", inputs=[str(src)], eval_fraction=0.3
+        path=str(tmp_path / "d"), dataset="files", inputs=[str(src)], eval_fraction=fraction
     )
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
 def test_failed_preparation_leaves_nothing_behind(tmp_path, split):
     cfg = split_too_small(tmp_path, split)
-    with pytest.raises(UserError, match=f"the {split} split .* no sample of 16 tokens"):
+    edge, fix = ("last", "larger") if split == "eval" else ("first", "smaller")
+    message = (
+        rf"the {split} split of data.dataset=files has 8 tokens \(the {edge} 8 of "
+        rf"80 tokens: 2 document\(s\), fewer than \d+, are split by tokens\), less than one "
+        rf"sample of 16 tokens; .* a {fix} data.eval_fraction"
+    )
+    with pytest.raises(UserError, match=message):
         prepare_data(cfg, 15, progress=False)
     assert not (tmp_path / "d").exists()
     assert not (tmp_path / "d.tmp").exists()
