@@ -323,7 +323,8 @@ def _train_rank(
     try:
         result = Trainer(cfg, grid=grid).fit()
     except UserError as exc:
-        print(f"hybridtron train: {grid.describe()}: error: {exc}", file=sys.stderr, flush=True)
+        if not getattr(exc, "quiet", False):  # else rank 0 reports what every rank stopped on
+            print(f"hybridtron train: {grid.describe()}: error: {exc}", file=sys.stderr, flush=True)
         if reraise:
             dog.stop()
             raise
