@@ -271,17 +271,17 @@ def prepare_data(
     n_bytes = 0
     try:
         docs = corpus.documents(cfg, report)
-        bar = tqdm(
+        # A context manager: the bar is cleared before an error is printed, not after it.
+        with tqdm(
             desc="tokenizing", unit="doc", disable=not progress, leave=False, file=sys.stderr
-        )
-        for chars, ids in encode_documents(docs, cfg, cfg.workers):
-            splitter.add(np.array([*ids, tokenizer.eos_id], dtype=dtype))
-            n_bytes += chars
-            bar.update(1)
-            bar.set_postfix_str(
-                f"{sum(p.received for p in packers.values()) / 1e6:.1f}M tokens", refresh=False
-            )
-        bar.close()
+        ) as bar:
+            for chars, ids in encode_documents(docs, cfg, cfg.workers):
+                splitter.add(np.array([*ids, tokenizer.eos_id], dtype=dtype))
+                n_bytes += chars
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"{sum(p.received for p in packers.values()) / 1e6:.1f}M tokens", refresh=False
+                )
         splitter.finish()
         splits = {s: p.finish() for s, p in packers.items()}
         n_docs = splitter.documents
