@@ -9,6 +9,7 @@ import pytest
 
 from arch.registry import RegistryError
 from trainer import SCHEDULERS, OptimConfig, schedules
+from trainer.config import effective_warmup
 from trainer.schedules import lr_at
 
 LR = 2e-3
@@ -135,3 +136,39 @@ def test_lr_at_with_unknown_scheduler_names_the_choices():
     message = str(err.value)
     assert "no_such_schedule" in message
     assert all(name in message for name in ("constant", "cosine", "wsd"))
+
+
+# ---- a warm-up that is not shorter than the run (a smoke test with the default warm-up) ----------
+
+
+def test_effective_warmup_leaves_the_run_at_least_one_step_after_it():
+    assert effective_warmup(20, 5) == 4
+    assert effective_warmup(5, 5) == 4
+    assert effective_warmup(4, 5) == 4  # already shorter: unchanged
+    assert effective_warmup(3, 5) == 3
+    assert effective_warmup(20, 1) == 0  # one step: it runs at the peak
+    assert effective_warmup(0, 5) == 0
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "wsd", "constant"])
+@pytest.mark.parametrize("max_steps", [1, 2, 5, 9])
+def test_a_warmup_longer_than_the_run_is_shortened_to_max_steps_minus_one(scheduler, max_steps):
+    asked = [lr_at(s, max_steps, optim(scheduler, warmup_steps=20)) for s in range(max_steps)]
+    clamped = optim(scheduler, warmup_steps=max_steps - 1)
+    assert asked == [lr_at(s, max_steps, clamped) for s in range(max_steps)]
+    # Well defined: finite, never above the peak, and the peak is reached (at the last
+    # warm-up step, or at step 0 for a one-step run).
+    assert all(math.isfinite(v) and 0 < v <= LR * (1 + 1e-12) for v in asked)
+    assert asked[max(0, max_steps - 2)] == pytest.approx(LR)
+    if max_steps > 2:  # the warm-up is linear up to there
+        assert asked[0] == pytest.approx(LR / (max_steps - 1))
+
+
+def test_a_pinned_warmup_keeps_a_continued_run_out_of_warm_up():
+    # A 5-step run warmed up over 4 steps (clamped); continuing to 10 steps with the warm-up
+    # pinned at 4 (what the CLI's "continue longer" line passes) never warms up again.
+    cfg = optim("cosine", warmup_steps=4)
+    first = [lr_at(s, 5, cfg) for s in range(5)]
+    longer = [lr_at(s, 10, cfg) for s in range(10)]
+    assert first[:4] == longer[:4]
+    assert longer[4:] == sorted(longer[4:], reverse=True) and longer[4] == pytest.approx(LR)

@@ -102,6 +102,29 @@ def grad_accumulation_steps(cfg: RunConfig, world_size: int) -> int:
     return t.global_batch_size // per_step
 
 
+def effective_warmup(warmup_steps: int, max_steps: int) -> int:
+    """The warm-up a run of ``max_steps`` gets: at most ``max_steps - 1`` steps, so that the peak
+    lr is reached and the schedule proper (cosine, wsd decay, constant) has at least one step."""
+    return max(0, min(warmup_steps, max_steps - 1))
+
+
+def clamp_warmup(cfg: RunConfig) -> str | None:
+    """Shorten a warm-up that is not shorter than the run (a smoke test with the default
+    warm-up) in ``cfg`` itself, so the schedule and the recorded config.yaml agree; the one-line
+    note to print, or None when nothing changed. Invalid values are left to validation."""
+    o, t = cfg.optim, cfg.trainer
+    if o.warmup_steps < 0 or t.max_steps <= 0:
+        return None
+    clamped = effective_warmup(o.warmup_steps, t.max_steps)
+    if clamped == o.warmup_steps:
+        return None
+    requested, o.warmup_steps = o.warmup_steps, clamped
+    return (
+        f"optim.warmup_steps={requested} is not shorter than trainer.max_steps={t.max_steps}: "
+        f"warming up over {clamped} steps instead (recorded as optim.warmup_steps={clamped})"
+    )
+
+
 def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
     t, o, p = cfg.trainer, cfg.optim, cfg.parallel
     positive = {
@@ -154,11 +177,6 @@ def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("optim.muon_scale", f"must be jordan or moonlight, got {o.muon_scale!r}")
     if not 0 <= o.decay_fraction <= 1:
         raise ConfigError("optim.decay_fraction", f"must be in [0, 1], got {o.decay_fraction}")
-    if o.warmup_steps >= t.max_steps and t.max_steps > 1:
-        raise ConfigError(
-            "optim.warmup_steps",
-            f"{o.warmup_steps} must be smaller than trainer.max_steps={t.max_steps}",
-        )
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}")
     if p.zero_stage == 3 and p.pipeline > 1:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
-from trainer.config import OptimConfig
+from trainer.config import OptimConfig, effective_warmup
 from trainer.registries import SCHEDULERS
 
 
@@ -46,4 +47,10 @@ def constant(step: int, max_steps: int, cfg: OptimConfig) -> float:
 
 
 def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """The lr of ``step`` (0-based) in a run of ``max_steps``; a warm-up that is not shorter than
+    the run is shortened to ``max_steps - 1`` (as the CLI does), so every schedule, plugins
+    included, sees a well-defined one."""
+    warmup = effective_warmup(cfg.warmup_steps, max_steps)
+    if warmup != cfg.warmup_steps:
+        cfg = dataclasses.replace(cfg, warmup_steps=warmup)
     return cfg.lr * SCHEDULERS.get(cfg.scheduler)(step, max_steps, cfg)
