@@ -5,6 +5,9 @@ Every way this can go wrong ends in one ConfigError / UserError line naming the 
 
 from __future__ import annotations
 
+import io
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from arch.registry import ConfigError, UsageError
 from launch.cluster import ClusterConfig
-from trainer.config import RunConfig, validate_run_config
+from trainer.config import RunConfig, clamp_warmup, validate_run_config
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -64,14 +67,42 @@ def _merge(base: DictConfig, layer: DictConfig, key: str) -> DictConfig:
     return merged
 
 
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    """``file:line:column: problem (context)`` from a parser error, in one line."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {str(exc).splitlines()[0]}"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "syntax error"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context != problem:
+        problem += f" ({context}" + (f" at {start.line + 1}:{start.column + 1})" if start else ")")
+    return f"{where}: not valid YAML: {problem}"
+
+
 def _load_recipe(config: str) -> DictConfig:
     path = resolve_config_path(config)
     try:
-        recipe = OmegaConf.load(path)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {path} is not UTF-8 text; give a YAML file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path}: {exc.strerror}; give a YAML file") from None
+    try:
+        root = yaml.compose(text)  # syntax and shape first: its errors carry line and column
+        if not isinstance(root, yaml.MappingNode):
+            recipe = None
+        else:
+            recipe = OmegaConf.load(io.StringIO(text))  # OmegaConf's loader (e.g. 3e-3 is a float)
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise UsageError(_yaml_problem(path, exc)) from None
+    if root is None or root.tag == "tag:yaml.org,2002:null":
+        return OmegaConf.create()  # an empty recipe: the defaults
     if not isinstance(recipe, DictConfig):
-        raise UsageError(f"{path} must be a YAML mapping of config groups (model:, trainer:, ...)")
+        got = "a list" if isinstance(root, yaml.SequenceNode) else f"the value {root.value!r}"
+        raise UsageError(
+            f"{path} must be a YAML mapping of config groups (model:, trainer:, ...), got {got}"
+        )
     return recipe
 
 
@@ -92,13 +123,21 @@ def parse_override(item: str) -> tuple[str, DictConfig]:
         return key, conf
 
 
+def note_to_stderr(message: str) -> None:
+    print(f"[config] {message}", file=sys.stderr, flush=True)
+
+
 def load_config(
-    config: str | None, overrides: list[str], world_size: int | None = None
+    config: str | None,
+    overrides: list[str],
+    world_size: int | None = None,
+    note: Callable[[str], None] | None = note_to_stderr,
 ) -> JobConfig:
     """The validated job config from an optional YAML recipe and dotlist overrides.
 
     ``world_size``: the processes of the launch this one belongs to (None: the launch this
-    config asks for, ``launch.nproc_per_node``)."""
+    config asks for, ``launch.nproc_per_node``). ``note``: where a value that was adjusted
+    rather than refused is reported (a warm-up longer than the run); None: nowhere."""
     cfg = OmegaConf.structured(JobConfig)
     if config:
         recipe = _load_recipe(config)
@@ -113,6 +152,9 @@ def load_config(
         raise _omegaconf_error(exc, "?") from None
     assert isinstance(job, JobConfig)
     apply_storage(job)
+    clamped = clamp_warmup(job)
+    if clamped and note is not None:
+        note(clamped)
     validate_job_config(job, world_size)
     return job
 

@@ -221,7 +221,7 @@ def test_design_field_names_exist(key):
         (["trainer.stop_at_step=0"], "trainer.stop_at_step"),
         (["trainer.stop_at_step=301"], "trainer.stop_at_step"),
         (["optim.lr=0"], "optim.lr"),
-        (["optim.warmup_steps=300"], "optim.warmup_steps"),
+        (["optim.warmup_steps=-1"], "optim.warmup_steps"),
         (["optim.betas=[0.9]"], "optim.betas"),
         (["optim.betas=[0.9,1.0]"], "optim.betas"),
         (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
@@ -281,6 +281,138 @@ def test_user_errors_for_files_and_syntax(tmp_path):
     bad.write_text("trainer: [\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(str(bad), [])
+
+
+# A recipe the YAML parser rejects: where (file:line:column) and the parser's problem.
+YAML_ERRORS = {
+    "indentation": (
+        "trainer:\n  max_steps: 5\n   seed: 3\n",
+        3,
+        8,
+        "mapping values are not allowed",
+    ),
+    "unclosed_list": ("optim:\n  betas: [0.9, 0.95\ntrainer:\n  seed: 1\n", 3, 8, "expected ','"),
+    "duplicate_key": ("trainer:\n  seed: 1\n  seed: 2\n", 3, 3, "duplicate key seed"),
+    "alias": ("model:\n  pattern: *-*-\n", 2, 14, "while scanning an alias"),
+    "tab": ("trainer:\n\tseed: 1\n", 2, 1, "tab"),
+}
+
+
+@pytest.mark.parametrize("case", list(YAML_ERRORS))
+def test_yaml_syntax_errors_say_file_line_and_column(case, tmp_path):
+    text, line, column, problem = YAML_ERRORS[case]
+    recipe = tmp_path / f"{case}.yaml"
+    recipe.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_config(str(recipe), [])
+    message = str(err.value)
+    assert err.value.exit_code == 2
+    assert message.startswith(f"{recipe}:{line}:{column}: not valid YAML: "), message
+    assert problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "got"),
+    [("- 1\n- 2\n", "got a list"), ("hello\n", "got the value 'hello'"), ("5\n", "value '5'")],
+    ids=["list", "string", "number"],
+)
+def test_recipe_that_is_not_a_mapping_says_what_it_is(tmp_path, text, got):
+    recipe = tmp_path / "flat.yaml"
+    recipe.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_config(str(recipe), [])
+    assert err.value.exit_code == 2
+    message = str(err.value)
+    assert message.startswith(f"{recipe} must be a YAML mapping of config groups (model:, ")
+    assert message.endswith(got) and "\n" not in message
+
+
+def test_empty_recipe_means_the_defaults(tmp_path):
+    for text in ("", "# nothing yet\n", "null\n"):
+        recipe = tmp_path / "empty.yaml"
+        recipe.write_text(text)
+        assert load_config(str(recipe), []) == load_config(None, [])
+
+
+def test_unreadable_recipes_are_one_line(tmp_path):
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="is not UTF-8 text") as err:
+        load_config(str(binary), [])
+    assert err.value.exit_code == 2
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(UserError, match="cannot read recipe .*folder.yaml: Is a directory"):
+        load_config(str(folder), [])
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("trainer:\n  seed: 1\n   max_steps: 3\n", ":3:13: not valid YAML: mapping values"),
+        ("- trainer\n", "must be a YAML mapping of config groups"),
+        (None, "not found; give a YAML path or a recipe name"),
+    ],
+    ids=["syntax", "not_a_mapping", "missing"],
+)
+def test_cli_recipe_problems_are_one_line_exit_2(tmp_path, capsys, text, needle):
+    recipe = tmp_path / "recipe.yaml"
+    if text is not None:
+        recipe.write_text(text)
+    assert main(["train", str(recipe), "trainer.max_steps=5", "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(
+        f"hybridtron train: error: {'config file' if text is None else recipe}"
+    )
+    assert needle in lines[0]
+
+
+# ---- a warm-up that is not shorter than the run: shortened, said, recorded --------------------
+
+
+def test_default_warmup_in_a_short_run_is_shortened_with_one_note(capsys):
+    notes: list[str] = []
+    cfg = load_config(None, ["trainer.max_steps=5"], note=notes.append)  # default warm-up 20
+    assert cfg.optim.warmup_steps == 4
+    assert "warmup_steps: 4" in to_yaml(cfg)  # what config.yaml records, and the run uses
+    assert len(notes) == 1
+    assert "optim.warmup_steps=20" in notes[0] and "trainer.max_steps=5" in notes[0]
+    assert "over 4 steps" in notes[0]
+    # By default the note goes to stderr, on one line, before anything runs.
+    load_config("tiny", ["trainer.max_steps=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "[config] optim.warmup_steps=5 is not shorter than trainer.max_steps=3: warming up over "
+        "2 steps instead (recorded as optim.warmup_steps=2)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warmup"),
+    [
+        (["trainer.max_steps=1"], 0),
+        (["trainer.max_steps=20"], 19),
+        (["trainer.max_steps=21"], 20),  # shorter already: as asked
+        (["trainer.max_steps=6", "optim.warmup_steps=6", "optim.scheduler=wsd"], 5),
+        (["trainer.max_steps=6", "optim.warmup_steps=0", "optim.scheduler=constant"], 0),
+    ],
+)
+def test_warmup_clamp_values(overrides, warmup):
+    notes: list[str] = []
+    assert load_config(None, overrides, note=notes.append).optim.warmup_steps == warmup
+    assert len(notes) == (0 if warmup in (20, 0) and "trainer.max_steps=1" not in overrides else 1)
+
+
+def test_a_clamped_config_loads_again_unchanged(tmp_path):
+    # The resolved config.yaml of a clamped run (what Ray workers and resumes read) is stable.
+    cfg = load_config(None, ["trainer.max_steps=5"], note=None)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(to_yaml(cfg))
+    notes: list[str] = []
+    assert load_config(str(saved), [], note=notes.append) == cfg and notes == []
 
 
 @pytest.mark.parametrize("pattern", ["*-*-", "*-", "**--", "*-|*-", "-*"])
