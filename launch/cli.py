@@ -263,7 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None:
         overrides.append(f"launch.nproc_per_node={args.nproc_per_node}")
     world = env_world()[1]  # > 1: this process is one rank of a launch (ours, torchrun, Slurm, Ray)
-    if world > 1:  # the launching process (or each rank of torchrun) said it already
+    if world > 1:  # ranks keep quiet about adjusted values: a launcher said so once
         cfg = load_config(config, overrides, world_size=world, note=None)
     else:
         cfg = load_config(config, overrides)
