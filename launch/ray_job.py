@@ -17,15 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from arch.registry import UsageError, UserError
+from launch.ray_local import loopback_only, loopback_torch_config
+from launch.ray_output import OutputFilter, install_driver_filter, last_exception_line
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_CONFIG_FILE = "hybridtron_job.yaml"
@@ -38,6 +43,7 @@ RAY_FIX = (
     "start one with `ray start --head` (Jobs API on the dashboard port, 8265) or pass the "
     "dashboard address of a running cluster, e.g. --address http://HEAD:8265"
 )
+JOB_PYTHON_ENV = "HYBRIDTRON_JOB_PYTHON"  # the Python of a cluster job's entrypoint
 
 
 # --- the job: config, code, resources ---------------------------------------------------------
@@ -132,9 +138,10 @@ def resources_at(address: str) -> dict | None:
 
 
 def _last_line(exc: BaseException) -> str:
+    """The exception's own `SomeError: message` line, else its last line."""
     text = str(getattr(exc, "cause", None) or exc).strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    return last_exception_line(text) or (lines[-1] if lines else type(exc).__name__)
 
 
 def _worker_error(exc: BaseException) -> str:
@@ -146,8 +153,10 @@ def _worker_error(exc: BaseException) -> str:
     return _last_line(inner if inner is not None else exc)
 
 
-def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int) -> int:
-    """Run the TorchTrainer on the Ray instance this process is connected to."""
+def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int,
+          loopback: bool = False) -> int:  # fmt: skip
+    """Run the TorchTrainer on the Ray instance this process is connected to; ``loopback``: the
+    embedded instance, whose process group listens on 127.0.0.1 too."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -155,6 +164,7 @@ def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int
 
     cfg = load_config_text(config_yaml, num_workers)
     check_resources(num_workers, gpus)
+    install_driver_filter()  # Ray's bookkeeping and peers' tracebacks stay in the Ray logs
     run_dir = Path(cfg.trainer.run_dir)
     resources = {"CPU": CPUS_PER_WORKER, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
@@ -163,13 +173,14 @@ def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
-        torch_config=TorchConfig(
+        torch_config=(loopback_torch_config if loopback else TorchConfig)(
             backend="nccl" if gpus else "gloo", timeout_s=int(cfg.parallel.timeout_s)
         ),
         run_config=ray.train.RunConfig(
             name="ray",
             storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.launch.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # no INFO chatter
         ),
     )
     print(
@@ -225,9 +236,14 @@ class PreemptionRelay:
 def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_workers: int,
                  gpus: int, relay: PreemptionRelay | None = None) -> int:  # fmt: skip
     """An embedded Ray instance on 127.0.0.1 for this job, in the foreground."""
+    import logging
+
+    loopback_only()
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    # "Token authentication is enabled": true, and nothing to act on for a private instance
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
@@ -239,7 +255,7 @@ def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_worke
     if relay is not None:
         relay.install()
     try:
-        return drive(config_yaml, config_name, num_workers, gpus)
+        return drive(config_yaml, config_name, num_workers, gpus, loopback=True)
     finally:
         ray.shutdown()
 
@@ -310,10 +326,14 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
     code = stage_code(config_yaml)
     name = Path(cfg.trainer.run_dir).name
     job_id = f"hybridtron-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    python = job_python(address)
     entrypoint = (
-        f"python -m launch.ray_job run {JOB_CONFIG_FILE} --num-workers {num_workers} "
-        f"--gpus-per-worker {gpus}" + (f" --config-name {config_name}" if config_name else "")
+        f"{shlex.quote(python)} -m launch.ray_job run {JOB_CONFIG_FILE} --num-workers "
+        f"{num_workers} --gpus-per-worker {gpus}"
+        + (f" --config-name {shlex.quote(config_name)}" if config_name else "")
     )
+    where = "" if python != "python" else f"  (the head's PATH decides; {JOB_PYTHON_ENV} picks one)"
+    print(f"[submit] entrypoint: {entrypoint}{where}", flush=True)
     try:
         client.submit_job(
             entrypoint=entrypoint,
@@ -335,12 +355,39 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
     return relay.exit_code(follow(client, job_id, address))
 
 
+def job_python(address: str) -> str:
+    """The Python of the job's entrypoint on the head: $HYBRIDTRON_JOB_PYTHON; else this one
+    when the head is this machine (it has this environment); else `python` on the head's PATH."""
+    chosen = os.environ.get(JOB_PYTHON_ENV, "").strip()
+    if chosen:
+        return chosen
+    return sys.executable if _is_this_machine(urlparse(address).hostname or "") else "python"
+
+
+def _is_this_machine(host: str) -> bool:
+    import ipaddress
+
+    import psutil
+
+    try:
+        ips = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    mine = {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+    return any(ipaddress.ip_address(ip).is_loopback or ip in mine for ip in ips)
+
+
 def follow(client, job_id: str, address: str) -> int:
-    """Stream the job's logs until it ends; its exit code."""
+    """Stream the job's logs (less Ray's noise) until it ends; its exit code."""
 
     async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+        shown, partial = OutputFilter(), ""
+        async for chunk in client.tail_job_logs(job_id):
+            *lines, partial = (partial + chunk).split("\n")
+            for line in shown.lines(lines):
+                print(line, flush=True)
+        for line in shown.lines([partial] if partial else []):
+            print(line, flush=True)
 
     try:
         asyncio.run(tail())
@@ -369,16 +416,21 @@ def follow(client, job_id: str, address: str) -> int:
 
 
 def _failure_line(client, job_id: str, info) -> str:
-    """The job's own error line (ours start with 'hybridtron'), else Ray's message."""
+    """The job's own error line (ours start with 'hybridtron'), else the last exception line of
+    its logs (a traceback's cause, e.g. an entrypoint Python without torch), with Ray's reason."""
     try:
-        logs = client.get_job_logs(job_id).splitlines()
+        logs = client.get_job_logs(job_id)
     except Exception:
-        logs = []
-    for line in reversed(logs):
+        logs = ""
+    for line in reversed(logs.splitlines()):
         if line.lstrip().startswith("hybridtron") and "error: " in line:
             return line.split("error: ", 1)[1].strip()
     message = (getattr(info, "message", "") or "").strip().splitlines()
-    return message[0] if message else "no message"
+    reason = message[0].split(", last available logs")[0].rstrip(":") if message else ""
+    cause = last_exception_line(logs)
+    if cause:
+        return f"{cause} ({reason})" if reason else cause
+    return reason or "no message"
 
 
 # --- status / logs / stop ---------------------------------------------------------------------
