@@ -169,6 +169,7 @@ def test_submit_to_a_cluster_follows_the_job(ray_head, tiny_data, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     job_id = next(line.split()[2] for line in out.splitlines() if line.startswith("submitted job"))
+    assert f"[submit] entrypoint: {sys.executable} -m launch.ray_job run" in out  # a local head
     assert "Done: step 4/4" in out  # the trainer's output, followed to the end
     seen = next(line for line in out.splitlines() if "[ray] worker environment:" in line)
     assert "HYBRIDTRON_PROBE=42" in seen and "NCCL_IB_HCA=mlx5" in seen  # cluster.env arrived
@@ -186,6 +187,23 @@ def test_submit_to_a_cluster_follows_the_job(ray_head, tiny_data, tmp_path):
     errors = [line for line in big.stderr.splitlines() if line.startswith("hybridtron")]
     assert len(errors) == 1 and "Traceback" not in big.stderr, big.stderr[-3000:]
     assert "needs 64 CPUs" in errors[0] and "lower --num-workers" in errors[0]
+
+
+def test_a_failed_cluster_job_names_its_cause(ray_head, tiny_data, tmp_path):
+    """The head runs the entrypoint with a Python that lacks the project's packages: the last
+    line carries the job's exception, and submit said which Python it would use."""
+    address, env = ray_head
+    bare = tmp_path / "bare"  # a Python without torch, like a head whose `python` isn't the venv's
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    args = args_for("submit", tiny_data, tmp_path / "nopython", "trainer.max_steps=2")
+    env = {**env, "HYBRIDTRON_JOB_PYTHON": str(bare / "bin" / "python")}
+    proc = run_cli(*args, "--address", address, *WORKERS, env=env)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"[submit] entrypoint: {bare}/bin/python -m launch.ray_job run" in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hybridtron submit: error: job hybridtron-nopython-"), last
+    assert "FAILED: ModuleNotFoundError: No module named" in last and "exit code 1" in last, last
+    assert "hybridtron logs " in last
 
 
 def test_unreachable_address_is_one_line(tiny_data, tmp_path):
