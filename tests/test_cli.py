@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY_SEQ_LEN, run_cli
+from conftest import TINY_SEQ_LEN, run_cli, tiny_run_args
 
 KINDS = [
     "mixer",
@@ -104,8 +105,15 @@ def cli(tmp_path_factory, tiny_data):
                 }
             )
         )
-    results.update(run_dir=run_dir, data=data, prepared=prepared, ckpt=ckpt)
+    results.update(run_dir=run_dir, data=data, prepared=prepared, ckpt=ckpt, train_args=train_args)
     return results
+
+
+def hint(stdout: str, name: str) -> list[str]:
+    """The argv of the ``name`` command (resume, continue longer) a run printed at its end."""
+    found = re.findall(rf"^  {name}\s+(hybridtron .*)$", stdout, re.M)
+    assert len(found) == 1, stdout
+    return shlex.split(found[0], comments=True)
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -124,8 +132,13 @@ def test_train_exits_zero_and_says_where_everything_is(cli):
     assert re.search(rf"metrics\s+{re.escape(str(run / 'metrics.jsonl'))}$", summary, re.M)
     assert f"tensorboard --logdir {run / 'tb'}" in summary
     assert re.search(rf"checkpoint\s+{re.escape(str(ckpt))}$", summary, re.M)
-    resume = [line for line in lines[done[-1] :] if line.strip().startswith("resume")]
-    assert resume and f"hybridtron train tiny trainer.run_dir={run}" in resume[0]
+    # The hints repeat the command that ran: the recipe and every override, in order.
+    resume = hint(proc.stdout, "resume")
+    assert resume == ["hybridtron", *cli["train_args"]]
+    assert hint(proc.stdout, "continue longer") == [
+        "hybridtron",
+        *[a.replace(f"max_steps={STEPS}", f"max_steps={2 * STEPS}") for a in cli["train_args"]],
+    ]
     assert f"hybridtron eval {ckpt}" in summary
     assert f"hybridtron generate {ckpt}" in summary
 
@@ -303,3 +316,123 @@ def test_registry_list_unknown_kind_fails_cleanly(cli):
     assert "'nope'" in line
     assert all(kind in line for kind in KINDS)  # it lists the kinds there are
     assert proc.stdout == ""
+
+
+# ---- the resume / continue-longer hints: the command that ran, only what must change changed --
+
+
+def test_hints_of_a_multi_process_run_with_a_recipe_and_overrides_run_as_printed(
+    tmp_path, tiny_data
+):
+    """A 2-process run of the tiny recipe with overrides, stopped early at step 2 and with the
+    recipe's warm-up (5) longer than its 4 steps; its printed "resume" command finishes it
+    (from the step-2 checkpoint), and the next "continue longer" takes it to 8 steps."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # see `cli`: a private copy for the child processes
+    run = tmp_path / "run dir"  # a space: the hints must quote it
+    overrides = [a for a in tiny_run_args(data, run) if not a.startswith("optim.warmup_steps")]
+    first = ["train", "tiny", *overrides, "model.pattern=*-*-", "trainer.stop_at_step=2",
+             "--nproc-per-node", "2"]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1"}
+    a = run_cli(*first, env=env, timeout=600)
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert "[config] optim.warmup_steps=5 is not shorter than trainer.max_steps=4" in a.stderr
+    assert "Done: step 2/4" in a.stdout
+    assert "warmup_steps: 3" in (run / "config.yaml").read_text()  # what the run used
+    resume = hint(a.stdout, "resume")
+    expected = ["hybridtron", *first]
+    expected.remove("trainer.stop_at_step=2")  # the one key that must go: the rest is as typed
+    assert resume == expected
+    longer_a = hint(a.stdout, "continue longer")
+
+    b = run_cli(*resume[1:], env=env, timeout=600)
+    assert b.returncode == 0, b.stderr[-3000:]
+    assert f"[resume] from {run / 'checkpoints' / 'step_00000002'} at step 2" in b.stdout
+    assert "Done: step 4/4" in b.stdout
+    longer = hint(b.stdout, "continue longer")
+    assert longer == longer_a  # same run, same way to continue it
+    assert "trainer.max_steps=8" in longer and "trainer.max_steps=4" not in longer
+    assert "optim.warmup_steps=3" in longer  # no second warm-up in the longer run
+
+    c = run_cli(*longer[1:], env=env, timeout=600)
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert f"[resume] from {run / 'checkpoints' / 'step_00000004'} at step 4" in c.stdout
+    assert "Done: step 8/8" in c.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert sorted(lrs) == list(range(1, 9))  # every step once
+    peak = 3e-3  # the tiny recipe's optim.lr
+    assert [lrs[s] for s in (1, 2, 3)] == pytest.approx([peak / 3, 2 * peak / 3, peak])
+    assert lrs[5] <= lrs[4] and lrs[8] < lrs[5] < peak  # decaying from step 4 on: no new warm-up
+
+
+def test_rerun_commands_replace_only_what_must_change(tmp_path):
+    from launch.cli import rerun_commands
+    from launch.config import load_config
+
+    def hints(command: list[str]) -> tuple[list[str], list[str]]:
+        recipe = command[1] if "=" not in command[1] else None
+        overrides = [a for a in command[1:] if "=" in a]
+        if "--nproc-per-node" in command:
+            overrides.append(
+                f"launch.nproc_per_node={command[command.index('--nproc-per-node') + 1]}"
+            )
+        cfg = load_config(recipe, overrides, note=None)
+        resume, longer = rerun_commands(command, cfg)
+        return shlex.split(resume), shlex.split(longer)
+
+    # Overrides stay in order, quoted where the shell needs it; a repeated key is replaced once.
+    resume, longer = hints(["train", "tiny", "trainer.max_steps=3", "model.pattern=*-*-",
+                            "trainer.max_steps=40", "--nproc-per-node", "2"])  # fmt: skip
+    assert resume == ["hybridtron", "train", "tiny", "trainer.max_steps=3", "model.pattern=*-*-",
+                      "trainer.max_steps=40", "--nproc-per-node", "2"]  # fmt: skip
+    assert longer == [
+        "hybridtron",
+        "train",
+        "tiny",
+        "model.pattern=*-*-",
+        "trainer.max_steps=80",
+        "--nproc-per-node",
+        "2",
+    ]  # fmt: skip (warm-up 5 < 39: not pinned)
+    # trainer.resume_from / stop_at_step / resume=false would not go on from the newest checkpoint.
+    resume, longer = hints(["train", "trainer.resume_from=/x/step_00000002", "trainer.max_steps=5",
+                            "trainer.stop_at_step=2", "trainer.resume=false"])  # fmt: skip
+    assert resume == ["hybridtron", "train", "trainer.max_steps=5", "trainer.resume=true"]
+    assert longer == [
+        "hybridtron",
+        "train",
+        "trainer.max_steps=10",
+        "trainer.resume=true",
+        "optim.warmup_steps=4",
+    ]  # fmt: skip (the default 20, shortened to 4)
+    # Set by the recipe: unset by an override.
+    recipe = tmp_path / "stop.yaml"
+    recipe.write_text("trainer:\n  max_steps: 50\n  stop_at_step: 10\n")
+    resume, _ = hints(["train", str(recipe)])
+    assert resume == ["hybridtron", "train", str(recipe), "trainer.stop_at_step=null"]
+    # Ray: submit with its options.
+    resume, longer = hints(["submit", "tiny", "trainer.max_steps=40", "--address",
+                            "http://head:8265", "--num-workers", "2", "--gpus-per-worker", "1"])  # fmt: skip
+    assert resume == ["hybridtron", "submit", "tiny", "trainer.max_steps=40", "--address",
+                      "http://head:8265", "--num-workers", "2", "--gpus-per-worker", "1"]  # fmt: skip
+    assert longer[:4] == ["hybridtron", "submit", "tiny", "trainer.max_steps=80"]
+
+
+def test_ray_worker_hints_submit_the_resolved_config(tmp_path):
+    # A Ray worker that was not given the command line: `submit` of the run's config.yaml,
+    # which holds every key the run had (so nothing the user typed is lost).
+    from launch.cli import _resolved_submit_command, rerun_commands
+    from launch.config import load_config, to_yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config("tiny", [f"trainer.run_dir={run}", "trainer.resume_from=/old/step_2",
+                               "model.d_model=32"], note=None)  # fmt: skip
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    resume, longer = rerun_commands(_resolved_submit_command(cfg, 2), cfg)
+    assert shlex.split(resume) == ["hybridtron", "submit", str(run / "config.yaml"),
+                                   "trainer.resume_from=null", "--num-workers", "2"]  # fmt: skip
+    assert "trainer.max_steps=60" in shlex.split(longer)
+    again = load_config(str(run / "config.yaml"), ["trainer.resume_from=null"], note=None)
+    assert again.model.d_model == 32 and again.trainer.resume_from is None
