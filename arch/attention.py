@@ -20,6 +20,7 @@ from arch.cache import KVCache
 from arch.config import AttentionConfig, ModelConfig
 from arch.documents import attention_mask
 from arch.layers_registry import ATTENTION, MIXERS
+from arch.numerics import fp32_or_wider
 from arch.preconditioner import make_linear
 from arch.rope import apply_rope, rope_cos_sin
 
@@ -81,7 +82,7 @@ def eager_attention(
     else:
         allowed = attention_mask(doc_ids)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    return torch.softmax(fp32_or_wider(scores), dim=-1).to(q.dtype) @ v
 
 
 @MIXERS.register("attention")

@@ -23,6 +23,7 @@ from arch.cache import MambaState
 from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
+from arch.numerics import fp32_or_wider
 from arch.preconditioner import make_linear
 from arch.selective_scan import (
     cuda_kernels,
@@ -118,7 +119,7 @@ class Mamba(nn.Module):
         y = selective_scan(
             x,
             delta,
-            -torch.exp(self.A_log.float()),
+            -torch.exp(fp32_or_wider(self.A_log)),
             B.transpose(1, 2),
             C.transpose(1, 2),
             D=self.D,
@@ -158,16 +159,16 @@ class Mamba(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            delta = F.softplus(delta.float() + self.dt_proj.bias.float()[:, None])
-            u = x.float()
+            delta = F.softplus(fp32_or_wider(delta) + fp32_or_wider(self.dt_proj.bias)[:, None])
+            u = fp32_or_wider(x)
             y, ssm = scan_from_state(
                 u,
                 delta,
-                -torch.exp(self.A_log.float()),
-                B.transpose(1, 2).float(),
-                C.transpose(1, 2).float(),
+                -torch.exp(fp32_or_wider(self.A_log)),
+                fp32_or_wider(B.transpose(1, 2)),
+                fp32_or_wider(C.transpose(1, 2)),
                 ssm,
             )
-            y = (y + u * self.D.float()[:, None]) * F.silu(z.float())
+            y = (y + u * fp32_or_wider(self.D)[:, None]) * F.silu(fp32_or_wider(z))
         out = self.out_proj(y.transpose(1, 2).to(h.dtype))
         return out, MambaState(conv=window[..., window.shape[-1] - (k - 1) :], ssm=ssm)

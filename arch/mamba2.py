@@ -28,6 +28,7 @@ from arch.cache import Mamba2State
 from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
+from arch.numerics import fp32_or_wider
 from arch.preconditioner import make_linear
 
 # Mamba-2's initialisation ranges: dt ~ logUniform[DT_MIN, DT_MAX] floored, A ~ U[A_MIN, A_MAX].
@@ -142,7 +143,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(width))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = (y * F.silu(z)).float()
+        g = fp32_or_wider(y * F.silu(z))
         g = g.unflatten(-1, (self.groups, -1))
         g = g * torch.rsqrt(g.square().mean(-1, keepdim=True) + self.eps)
         return self.weight * g.flatten(-2).to(y.dtype)
@@ -200,12 +201,20 @@ class Mamba2(nn.Module):
         x = x.unflatten(-1, (self.n_heads, self.head_dim))
         B = B.unflatten(-1, (self.n_groups, self.d_state))
         C = C.unflatten(-1, (self.n_groups, self.d_state))
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(fp32_or_wider(dt) + fp32_or_wider(self.dt_bias))
+        A = -torch.exp(fp32_or_wider(self.A_log))
         reset = None if doc_ids is None else document_starts(doc_ids)
         with torch.autocast(device_type=h.device.type, enabled=False):  # the scan in fp32
-            y = ssd_chunked(x.float(), dt, A, B.float(), C.float(), self.chunk_size, reset=reset)
-            y = y + self.D.float()[:, None] * x.float()
+            y = ssd_chunked(
+                fp32_or_wider(x),
+                dt,
+                A,
+                fp32_or_wider(B),
+                fp32_or_wider(C),
+                self.chunk_size,
+                reset=reset,
+            )
+            y = y + fp32_or_wider(self.D)[:, None] * fp32_or_wider(x)
         y = self.norm(y.flatten(-2).to(h.dtype), z)
         return self.out_proj(y)
 
@@ -235,17 +244,17 @@ class Mamba2(nn.Module):
         x = x.unflatten(-1, (self.n_heads, self.head_dim))
         B = _heads(B.unflatten(-1, (self.n_groups, self.d_state)), self.n_heads)
         C = _heads(C.unflatten(-1, (self.n_groups, self.d_state)), self.n_heads)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # [b, t, heads]
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(fp32_or_wider(dt) + fp32_or_wider(self.dt_bias))  # [b, t, heads]
+        A = -torch.exp(fp32_or_wider(self.A_log))
         with torch.autocast(device_type=h.device.type, enabled=False):
-            x, B, C = x.float(), B.float(), C.float()
+            x, B, C = fp32_or_wider(x), fp32_or_wider(B), fp32_or_wider(C)
             ys = []
             for i in range(t):
                 decay = torch.exp(dt[:, i] * A)[..., None, None]  # [b, heads, 1, 1]
                 inp = (x[:, i] * dt[:, i, :, None])[..., None] * B[:, i, :, None, :]
                 state = decay * state + inp
                 ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, i]))
-            y = torch.stack(ys, dim=1) + self.D.float()[:, None] * x
+            y = torch.stack(ys, dim=1) + fp32_or_wider(self.D)[:, None] * x
         y = self.norm(y.flatten(-2).to(h.dtype), z)
         out = self.out_proj(y)
         return out, Mamba2State(conv=window[..., window.shape[-1] - (k - 1) :], ssm=state)

@@ -17,6 +17,7 @@ from arch.aux_losses import recording
 from arch.cache import InferenceCache, PerEvaluation, new_cache
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
+from arch.numerics import fp32_or_wider
 from arch.residual import State
 
 # Projections whose output is added to the residual stream: initialised smaller (GPT-2 / Megatron).
@@ -151,16 +152,33 @@ class HybridLM(nn.Module):
         Training adds the losses to the LM loss; ``metrics``, if given, receives detached
         diagnostics (e.g. each MoE sub-layer's expert loads). See `arch.aux_losses`.
         """
-        with recording() as recorder:
+        with recording(aux_loss_counts(self.cfg), aux_loss_counts(self.cfg)) as recorder:
             logits = self(input_ids)
         if metrics is not None:
             metrics.update(recorder.metrics)
         return logits, recorder.losses
 
 
+def aux_loss_counts(cfg: ModelConfig, layers: range | None = None) -> dict[str, int]:
+    """How many reports of each auxiliary loss one forward of sub-layers ``layers`` (default:
+    all) makes, from what the plugins declare (``aux_loss_names(cfg)`` on a mixer/FFN class,
+    ``oracle_calls`` on the residual class). Pipeline stages divide by the whole model's count
+    (`arch.aux_losses`)."""
+    table = cfg.symbol_table()
+    calls = RESIDUALS.get(cfg.residual.name).oracle_calls
+    counts: dict[str, int] = {}
+    for i in range(len(cfg.layers)) if layers is None else layers:
+        kind, plugin = table[cfg.layers[i]]
+        inner = (MIXERS if kind == "mixer" else FFNS).get(plugin)
+        names = inner.aux_loss_names(cfg) if hasattr(inner, "aux_loss_names") else ()
+        for name in names:
+            counts[name] = counts.get(name, 0) + calls
+    return counts
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 (targets already shifted by the caller)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten())
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None) -> HybridLM:

@@ -39,6 +39,7 @@ from arch.aux_losses import AuxRecorder, active_recorder
 from arch.config import ModelConfig
 from arch.layers_registry import FFNS
 from arch.mlp import MLP
+from arch.numerics import fp32_or_wider
 
 
 @FFNS.register("moe")
@@ -55,6 +56,14 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.d_model, m.num_experts, bias=False)
         self.experts = nn.ModuleList(MLP(cfg, layer_index, hidden) for _ in range(m.num_experts))
 
+    @classmethod
+    def aux_loss_names(cls, cfg: ModelConfig) -> tuple[str, ...]:
+        """The losses one forward reports: the model averages each over all its MoE sub-layers
+        wherever they sit (pipeline stages included; see `arch.aux_losses`)."""
+        m = cfg.moe
+        weighted = (("moe/aux_loss", m.aux_loss_weight), ("moe/z_loss", m.z_loss_weight))
+        return tuple(name for name, weight in weighted if weight)
+
     @property
     def supports_cache(self) -> bool:
         """Dropless routing is per token, so cached decoding reuses ``forward``; with a capacity
@@ -64,7 +73,7 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], top-k weights [T, k], top-k expert ids [T, k]), all fp32."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())
+            logits = F.linear(fp32_or_wider(x), fp32_or_wider(self.router.weight))
         probs = torch.softmax(logits, dim=-1)
         weights, experts = torch.topk(probs, self.cfg.top_k, dim=-1)
         if self.cfg.renormalize:
@@ -136,10 +145,10 @@ def load_balancing_loss(logits: torch.Tensor, counts: torch.Tensor) -> torch.Ten
     Hugging Face's convention: the balanced value is top_k. Gradient flows through P only.
     """
     num_tokens, num_experts = logits.shape
-    mean_prob = torch.softmax(logits.float(), dim=-1).mean(0)
+    mean_prob = torch.softmax(fp32_or_wider(logits), dim=-1).mean(0)
     return num_experts * (counts / num_tokens * mean_prob).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE's router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(fp32_or_wider(logits), dim=-1).square().mean()

@@ -42,6 +42,9 @@ class ResidualUpdate(nn.Module):
     # Cached decoding (`arch.cache`) runs the update on the new tokens' state only, which is
     # exact because no stream mixes tokens; a plugin that breaks that rule sets this False.
     supports_cache: ClassVar[bool] = True
+    # How many times ``forward`` evaluates its oracle: sub-layers' auxiliary losses (MoE
+    # balance) are averaged over every evaluation in the model (`arch.aux_losses`).
+    oracle_calls: ClassVar[int] = 1
 
     def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
         super().__init__()

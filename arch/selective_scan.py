@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from arch.numerics import fp32_or_wider
+
 Kernel = Callable[..., torch.Tensor]
 
 
@@ -115,11 +117,11 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, keep):  # noqa: ANN001 (autograd.Function signature)
         dtypes = (u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            u_t = u.float().permute(2, 0, 1).contiguous()  # [l, b, d]
-            dt_t = delta.float().permute(2, 0, 1).contiguous()
-            a = A.float()
-            b_t = B.float().permute(2, 0, 1).contiguous()  # [l, b, N]
-            c_t = C.float().permute(2, 0, 1).contiguous()
+            u_t = fp32_or_wider(u).permute(2, 0, 1).contiguous()  # [l, b, d]
+            dt_t = fp32_or_wider(delta).permute(2, 0, 1).contiguous()
+            a = fp32_or_wider(A)
+            b_t = fp32_or_wider(B).permute(2, 0, 1).contiguous()  # [l, b, N]
+            c_t = fp32_or_wider(C).permute(2, 0, 1).contiguous()
             # keep_t [l, b, 1, 1]: 0 resets the state where a document starts (see scan_loop).
             keep_t = None if keep is None else keep.float().t()[:, :, None, None].contiguous()
             decay = _decay(dt_t, a, keep_t)  # [l, b, d, N]
@@ -135,7 +137,7 @@ class SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, grad_y):  # noqa: ANN001
         u_t, dt_t, a, b_t, c_t, h, keep_t = ctx.saved_tensors
         with torch.autocast(device_type=grad_y.device.type, enabled=False):
-            gy = grad_y.float().permute(2, 0, 1)  # [l, b, d]
+            gy = fp32_or_wider(grad_y).permute(2, 0, 1)  # [l, b, d]
             grad_c = (h.transpose(-1, -2) @ gy.unsqueeze(-1)).squeeze(-1)  # [l, b, N]
             g = gy.unsqueeze(-1) * c_t.unsqueeze(2)  # dL/dh_t, accumulated backwards in place
             decay = _decay(dt_t, a, keep_t)  # d(keep exp(x))/dx = keep exp(x): same formulas
@@ -185,19 +187,19 @@ def selective_scan(
     if backend == "cuda":
         scan_fn, _ = cuda_kernels()  # type: ignore[misc]
         return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus).float()
-    u, delta = u.float(), delta.float()
+    u, delta = fp32_or_wider(u), fp32_or_wider(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + fp32_or_wider(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     if backend == "loop":
-        y = scan_loop(u, delta, A.float(), B.float(), C.float(), keep)
+        y = scan_loop(u, delta, fp32_or_wider(A), fp32_or_wider(B), fp32_or_wider(C), keep)
     elif backend == "cpu":
         y = SelectiveScanFn.apply(u, delta, A, B, C, keep)
     else:
         raise ValueError(f"unknown selective-scan back-end {backend!r}")
     if D is not None:
-        y = y + u * D.float()[:, None]
+        y = y + u * fp32_or_wider(D)[:, None]
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(fp32_or_wider(z))
     return y

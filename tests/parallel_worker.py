@@ -30,10 +30,25 @@ STEPS = 4
 MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
 
 
-def run_config(zero: int, tp: int, pp: int, residual: str = "heavy_ball") -> RunConfig:
+# What a layout may set besides tp/pp/zero: the model (the reference is trained once per model).
+MODEL_KEYS = ("residual", "pattern", "top_k")
+
+
+def model_key(layout: dict) -> str:
+    return json.dumps({k: layout[k] for k in MODEL_KEYS if k in layout}, sort_keys=True)
+
+
+def run_config(
+    zero: int,
+    tp: int,
+    pp: int,
+    residual: str = "heavy_ball",
+    pattern: str = "*M-E*-",
+    top_k: int = 1,
+) -> RunConfig:
     cfg = RunConfig()
     cfg.model = ModelConfig(
-        pattern="*M-E*-",  # attention, Mamba, MLP, MoE
+        pattern=pattern,  # default: attention, Mamba, MLP, MoE
         d_model=32,
         n_heads=4,
         n_kv_heads=2,
@@ -44,7 +59,7 @@ def run_config(zero: int, tp: int, pp: int, residual: str = "heavy_ball") -> Run
     # More experts than a micro-batch's 32 tokens fill: some get no token on some rank, and every
     # rank must still reduce the same gradients (ZeRO's buckets would mismatch otherwise).
     cfg.model.moe.num_experts = 16
-    cfg.model.moe.top_k = 1
+    cfg.model.moe.top_k = top_k
     cfg.trainer.seed = 7
     cfg.trainer.micro_batch_size = MICRO
     cfg.trainer.global_batch_size = GLOBAL
@@ -66,10 +81,19 @@ def micro_batches(batch: torch.Tensor, dp_rank: int, dp: int) -> list[torch.Tens
     return list(share.split(MICRO))
 
 
-def reference(residual: str) -> dict:
-    module = TrainModule(run_config(0, 1, 1, residual))
-    out = [module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()]
-    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out]}
+def model_options(layout: dict) -> dict:
+    return {k: layout[k] for k in MODEL_KEYS if k in layout}
+
+
+def summary(out: list) -> dict:
+    """Losses, gradient norms and the MoE metrics (balance, aux/z losses, loads) per step."""
+    moe = [{k: v for k, v in o.metrics.items() if k.startswith("moe/")} for o in out]
+    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out], "moe": moe}
+
+
+def reference(layout: dict) -> dict:
+    module = TrainModule(run_config(0, 1, 1, **model_options(layout)))
+    return summary([module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()])
 
 
 def run_layout(layout: dict) -> dict:
@@ -78,7 +102,7 @@ def run_layout(layout: dict) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else None
     tp, pp = layout["tp"], layout["pp"]
     grid = init_grid(tp, pp, timeout_s=120)
-    cfg = run_config(layout["zero"], tp, pp, layout.get("residual", "heavy_ball"))
+    cfg = run_config(layout["zero"], tp, pp, **model_options(layout))
     accum = GLOBAL // (MICRO * grid.dp)
     module = ParallelTrainModule(cfg, grid, accum)
     out = [
@@ -87,15 +111,15 @@ def run_layout(layout: dict) -> dict:
     del module
     ps.destroy_model_parallel()
     assert world is None or dist.get_world_size() == world
-    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out]}
+    return summary(out)
 
 
 def main() -> None:
     out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
     results = [run_layout(layout) for layout in layouts]
     if dist.get_rank() == 0:
-        residuals = sorted({layout.get("residual", "heavy_ball") for layout in layouts})
-        references = {r: reference(r) for r in residuals}
+        models = {model_key(layout): layout for layout in layouts}
+        references = {key: reference(layout) for key, layout in models.items()}
         payload = {"references": references, "layouts": layouts, "results": results}
         with open(out_path, "w") as f:
             json.dump(payload, f)

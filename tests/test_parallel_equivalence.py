@@ -2,7 +2,8 @@
 
 A hybrid model (attention, Mamba, MLP and MoE sub-layers, heavy-ball residual, tied embeddings,
 active gradient clipping) takes 4 optimizer steps on the same global batches under each layout;
-losses and gradient norms must equal the single-process run to 1e-5 relative in fp32. Several
+losses, gradient norms and MoE metrics must equal the single-process run to 1e-5 relative in
+fp32 (the chaotic `ortho` variant: the steps that are stable, see CHAOTIC). Several
 layouts share one launch (process start-up dominates on 2 cores). See tests/parallel_worker.py.
 """
 
@@ -17,11 +18,24 @@ from pathlib import Path
 from launch.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from parallel_worker import model_key  # noqa: E402
+
+# Layouts reorder sums (tp/dp reductions, ZeRO partitions) and four steps of training amplify
+# that: measured <= 2e-7 relative in losses and grad norms over 1 and 2 threads, so 1e-5 leaves
+# ~50x (see the note under CHAOTIC for the one variant where that does not hold).
 TOLERANCE = 1e-5
-# `ortho` orthogonalises each token's update by Newton-Schulz: fp32 rounding moves its gradient
-# norm a lot. One process alone, 1 thread vs 2, differs by 2e-2 in grad norm and 6e-5 in loss
-# after 4 steps (measured); its comparison gets that headroom, every other variant 1e-5.
-LOOSE = {"ortho": {"loss": 2e-4, "grad_norm": 5e-2}}
+# `ortho` orthogonalises each token's update with 5 quintic Newton-Schulz steps (Keller Jordan's
+# coefficients), which are no contraction: on the singular values met here (0.1-0.8, none near 0,
+# so not a rank-deficiency problem) the 5-step map has slopes up to ~15-30. fp32 gradients
+# through 6 such sub-layers carry ~6e-5 relative error against float64 (plain: 1.4e-6), and the
+# gradient norm is that sensitive to the weights too, so training multiplies any difference by
+# ~30-100 per step, with AdamW or plain SGD alike: one process alone, 1 thread vs 2, gives grad
+# norms 3e-7, 1.5e-5, 1.5e-3, 2e-2 apart at steps 1-4 (float64: 1e-15 ... 5e-10). float64 is no
+# way out here: DeepSpeed's ZeRO keeps fp32 master weights and an fp32 norm. So for `ortho` the
+# test compares what is stable: all of step 1 (one forward and backward with the state crossing
+# the stages) and the loss of step 2 (measured <= 1e-8 apart).
+CHAOTIC = {"ortho": {"steps": 1, "loss_steps": 2}}
 
 
 def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
@@ -43,15 +57,30 @@ def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
     return json.loads(out.read_text())
 
 
+def compared_values(result: dict, ref: dict, layout: dict) -> list[tuple[str, float, float]]:
+    """(what, got, want) for the losses, gradient norms and MoE metrics of the steps that are
+    stable for this layout's residual variant (all of them except for CHAOTIC ones)."""
+    chaotic = CHAOTIC.get(layout.get("residual", ""), {})
+    steps = chaotic.get("steps", len(ref["loss"]))
+    loss_steps = chaotic.get("loss_steps", steps)
+    pairs = []
+    for key, n in (("loss", loss_steps), ("grad_norm", steps)):
+        for step, (got, want) in enumerate(zip(result[key][:n], ref[key][:n], strict=True), 1):
+            pairs.append((f"step {step} {key}", got, want))
+    # MoE metrics (aux and z losses, balance, per-sub-layer loads) as one process logs them.
+    moe = zip(result["moe"][:steps], ref["moe"][:steps], strict=True)
+    for step, (got, want) in enumerate(moe, 1):
+        assert got.keys() == want.keys(), f"{layout} step {step}: {sorted(got)} vs {sorted(want)}"
+        pairs += [(f"step {step} {name}", got[name], want[name]) for name in want]
+    return pairs
+
+
 def assert_matches_reference(payload: dict) -> None:
     for layout, result in zip(payload["layouts"], payload["results"], strict=True):
-        residual = layout.get("residual", "heavy_ball")
-        ref = payload["references"][residual]
-        for key in ("loss", "grad_norm"):
-            tolerance = LOOSE.get(residual, {}).get(key, TOLERANCE)
-            for step, (got, want) in enumerate(zip(result[key], ref[key], strict=True), 1):
-                rel = abs(got - want) / abs(want)
-                assert rel <= tolerance, f"{layout} step {step} {key}: {got} vs {want} ({rel:.1e})"
+        ref = payload["references"][model_key(layout)]
+        for what, got, want in compared_values(result, ref, layout):
+            rel = abs(got - want) / max(abs(want), 1e-6)  # some MoE loads are exactly 0
+            assert rel <= TOLERANCE, f"{layout} {what}: {got} vs {want} ({rel:.1e})"
         # The steps really trained (the comparison is not between constants).
         assert ref["loss"][0] != ref["loss"][-1]
 
@@ -77,8 +106,25 @@ def test_every_residual_variant_crosses_pipeline_stages_as_a_whole_state(tmp_pat
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
 
+# MoE on every pipeline stage: the auxiliary losses and moe/* metrics are averaged over the
+# model's MoE sub-layers wherever they sit (a per-stage average would depend on the cut).
+MOE_EVERY_STAGE = [
+    {"pattern": "EE**|EE**", "top_k": 1},
+    {"pattern": "EE**|EE**", "top_k": 2},
+    {"pattern": "M*E-|M*E-", "top_k": 2, "residual": "tmm"},
+]
+
+
+def test_moe_on_every_stage_matches_one_process(tmp_path):
+    layouts = [{"tp": 1, "pp": 2, "zero": 1, **model} for model in MOE_EVERY_STAGE]
+    layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[1]}]
+    layouts += [{"tp": 1, "pp": 1, "zero": 2, **MOE_EVERY_STAGE[2]}]  # dp 2
+    assert_matches_reference(run_layouts(tmp_path, 2, layouts))
+
+
 def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts = [{"tp": 2, "pp": 2, "zero": 1}, {"tp": 2, "pp": 2, "zero": 2}]
+    layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 

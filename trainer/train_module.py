@@ -15,6 +15,7 @@ from arch import build_model, count_parameters, lm_loss
 from arch.aux_losses import recording
 from arch.documents import document_ids
 from arch.flops import training_flops_per_token
+from arch.model import aux_loss_counts
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 
@@ -35,6 +36,7 @@ class TrainModule:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
+        self.aux_counts = aux_loss_counts(cfg.model)
         self.train_flops_per_token = training_flops_per_token(self.model, cfg.trainer.seq_len)
         # The end-of-document token when packed documents are kept apart (data.document_masking);
         # set by the Trainer once it knows the tokenizer.
@@ -69,11 +71,16 @@ class TrainModule:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float64)  # a float64 model's loss stays float64
         metrics: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             lm, aux = train_loss(
-                self.model, batch, self.cfg.trainer.precision, metrics, self.eos_id
+                self.model,
+                batch,
+                self.cfg.trainer.precision,
+                metrics,
+                self.eos_id,
+                self.aux_counts,
             )
             loss = lm + sum(aux.values()) if aux else lm
             (loss / len(micro_batches)).backward()
@@ -140,15 +147,17 @@ def train_loss(
     precision: str,
     metrics: dict[str, torch.Tensor],
     eos_id: int | None = None,
+    aux_counts: dict[str, int] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(LM loss, the model's weighted auxiliary losses) of a [B, T + 1] batch.
 
     Detached copies of the auxiliary losses and the model's diagnostics are summed into
-    ``metrics`` (so a step's metrics add up over its micro-batches).
+    ``metrics`` (so a step's metrics add up over its micro-batches). ``aux_counts``: the model's
+    declared auxiliary-loss reports (`arch.model.aux_loss_counts`), checked against the forward.
     """
     kwargs, targets = model_inputs(batch, eos_id)
     # What HybridLM.forward_with_aux does, around model(): also works through wrappers (DDP, ...).
-    with autocast(precision), recording() as recorder:
+    with autocast(precision), recording(aux_counts, aux_counts) as recorder:
         logits = model(**kwargs)
     aux = recorder.losses
     step_metrics = {**recorder.metrics, **{name: value.detach() for name, value in aux.items()}}

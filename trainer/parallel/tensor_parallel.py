@@ -51,6 +51,7 @@ from torch import nn
 
 from arch.config import ModelConfig
 from arch.model import HybridLM, lm_loss
+from arch.numerics import fp32_or_wider
 from arch.pc_layer import PCLinear, _fp32, pc_polynomial, power_iteration
 from arch.registry import ConfigError
 
@@ -609,7 +610,8 @@ def parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch
     if tp_size() == 1:
         return lm_loss(logits, targets)
     # Megatron's kernel works in place on its input: give it its own fp32 copy.
-    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    wide = fp32_or_wider(logits)
+    logits = wide if wide is not logits else logits.clone()
     return vocab_parallel_cross_entropy(logits, targets).mean()
 
 

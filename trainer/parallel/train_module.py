@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 
 from arch import build_model, count_parameters
-from arch.aux_losses import recording
+from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
+from arch.model import aux_loss_counts
 from trainer.config import RunConfig
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.checkpoint import rng_file, write_shard
@@ -94,6 +95,9 @@ class ParallelTrainModule:
         apply_tensor_parallel(dense)
         start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
         self.stage = PipelineStage(dense, start, end, grid.is_first_stage, grid.is_last_stage)
+        # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
+        self.aux_counts = aux_loss_counts(cfg.model)
+        self.stage_aux_counts = aux_loss_counts(cfg.model, range(start, end))
         if self.stage.model.embed is not None:
             self.stage.model.embed.weight._no_weight_decay = True  # as for nn.Embedding
         if resume is not None:
@@ -134,7 +138,7 @@ class ParallelTrainModule:
         batches = [b.to(g.device) for b in micro_batches]
         shapes = state_shapes(self.cfg.model, batches[0].shape[0], batches[0].shape[1] - 1)
         lm_losses: list[torch.Tensor] = []
-        metrics: dict[str, torch.Tensor] = {}
+        metrics: Totals = {}
         precision = self.cfg.trainer.precision
 
         def forward(i: int, received):
@@ -142,12 +146,11 @@ class ParallelTrainModule:
             if received is not None:
                 for t in received.values():
                     t.requires_grad_(True)
-            with autocast(precision, g.device.type), recording() as recorder:
+            counts = (self.aux_counts, self.stage_aux_counts)
+            with autocast(precision, g.device.type), recording(*counts) as recorder:
                 out = engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
             aux = recorder.losses
-            step_metrics = {**recorder.metrics, **{k: v.detach() for k, v in aux.items()}}
-            for name, value in step_metrics.items():
-                metrics[name] = metrics[name] + value if name in metrics else value
+            add_totals(metrics, recorder.totals())
             if stage.last:
                 lm = parallel_cross_entropy(out, targets)
                 lm_losses.append(lm.detach())
@@ -189,7 +192,7 @@ class ParallelTrainModule:
         return StepResult(
             loss=loss,
             grad_norm=float(norm) if norm is not None else float("nan"),
-            metrics=self._gather_metrics(metrics, m) if gather_metrics else {},
+            metrics=self._gather_metrics(metrics) if gather_metrics else {},
         )
 
     def _tied_across_stages(self) -> bool:
@@ -218,7 +221,9 @@ class ParallelTrainModule:
 
     def _mean_over_pipeline_and_data(self, value: torch.Tensor | None) -> float:
         """The last stage's value, averaged over data-parallel ranks, known to every rank."""
-        t = torch.zeros((), device=self.grid.device) if value is None else value.float().clone()
+        t = torch.zeros((), device=self.grid.device, dtype=torch.float64)
+        if value is not None:  # float64 on every stage: the sum is the same whatever the dtype
+            t += value.detach()
         with operation("all-reduce the loss"):
             if self.grid.pp > 1:
                 dist.all_reduce(t, group=self.ps.get_pipeline_model_parallel_group())
@@ -226,20 +231,17 @@ class ParallelTrainModule:
                 dist.all_reduce(t, group=self.ps.get_data_parallel_group())
         return t.item() / self.grid.dp
 
-    def _gather_metrics(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-        """Each stage's auxiliary metrics (mean over micro-batches, then over data-parallel
-        ranks), merged on every rank. Tensor-parallel peers hold the same values."""
-        from trainer.train_module import scalar_metrics
-
-        mine = scalar_metrics(sums, count) if self.grid.tp_rank == 0 else {}
-        gathered: list[dict[str, float]] = [{} for _ in range(self.grid.world)]
+    def _gather_metrics(self, totals: Totals) -> dict[str, float]:
+        """The auxiliary metrics as one process would log them: every (sum, count) of every
+        stage and data-parallel rank merged, so a value averaged over the model's MoE sub-layers
+        stays that wherever the pipeline cuts. Tensor-parallel peers hold the same values."""
+        mine = (
+            {k: (v.tolist(), n) for k, (v, n) in totals.items()} if self.grid.tp_rank == 0 else {}
+        )
+        gathered: list[dict] = [{} for _ in range(self.grid.world)]
         with operation("gather metrics"):
             dist.all_gather_object(gathered, mine)
-        totals: dict[str, list[float]] = {}
-        for d in gathered:
-            for k, v in d.items():
-                totals.setdefault(k, []).append(v)
-        return {k: sum(v) / len(v) for k, v in totals.items()}
+        return merge_totals(gathered)
 
     # ---- evaluation ---------------------------------------------------------------------
     @torch.no_grad()
