@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 warnings.simplefilter("ignore")
-faulthandler.dump_traceback_later(240, exit=True)  # a mismatched collective hangs on gloo
 
 from arch.config import ModelConfig  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
@@ -115,12 +114,16 @@ def run_layout(layout: dict) -> dict:
 
 
 def main() -> None:
+    # A mismatched collective hangs on gloo. Armed here, not at import: the test imports this
+    # module (model_key), and an import-time timer would end the pytest process itself.
+    faulthandler.dump_traceback_later(240, exit=True)
     out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
     results = [run_layout(layout) for layout in layouts]
     if dist.get_rank() == 0:
         models = {model_key(layout): layout for layout in layouts}
         references = {key: reference(layout) for key, layout in models.items()}
-        payload = {"references": references, "layouts": layouts, "results": results}
+        keys = [model_key(layout) for layout in layouts]  # each layout's reference
+        payload = {"references": references, "layouts": layouts, "results": results, "keys": keys}
         with open(out_path, "w") as f:
             json.dump(payload, f)
     dist.barrier()

@@ -18,8 +18,6 @@ from pathlib import Path
 from launch.spawn import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from parallel_worker import model_key  # noqa: E402
 
 # Layouts reorder sums (tp/dp reductions, ZeRO partitions) and four steps of training amplify
 # that: measured <= 2e-7 relative in losses and grad norms over 1 and 2 threads, so 1e-5 leaves
@@ -76,8 +74,9 @@ def compared_values(result: dict, ref: dict, layout: dict) -> list[tuple[str, fl
 
 
 def assert_matches_reference(payload: dict) -> None:
-    for layout, result in zip(payload["layouts"], payload["results"], strict=True):
-        ref = payload["references"][model_key(layout)]
+    runs = zip(payload["layouts"], payload["results"], payload["keys"], strict=True)
+    for layout, result, key in runs:
+        ref = payload["references"][key]
         for what, got, want in compared_values(result, ref, layout):
             rel = abs(got - want) / max(abs(want), 1e-6)  # some MoE loads are exactly 0
             assert rel <= TOLERANCE, f"{layout} {what}: {got} vs {want} ({rel:.1e})"
