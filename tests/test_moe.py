@@ -26,10 +26,18 @@ def tiny(**moe) -> ModelConfig:
     return cfg
 
 
+# Dispatch against the per-token loop in float64: in fp32 the router's gradient differed by up to
+# 2.5e-7 (a 4x margin under the old atol=1e-6), and a near-tie in the top-k could pick another
+# expert on other kernels. float64: measured <= 8e-16 over 1/2 threads and default/avx2/avx512
+# kernels (MKL_CBWR=COMPATIBLE too); 1e-10 leaves > 10^5 x.
+F64_TOL = dict(rtol=0, atol=1e-10)
+
+
 def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
     """Token by token: softmax, top-k, (renormalise), sum of weighted experts; with a capacity,
     an expert serves only the first `capacity` tokens (in order) that chose it."""
-    probs = torch.softmax(x.float() @ moe.router.weight.float().T, dim=-1)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # the router's fp32-or-wider
+    probs = torch.softmax(x.to(dtype) @ moe.router.weight.to(dtype).T, dim=-1)
     served: dict[int, int] = defaultdict(int)
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
@@ -48,32 +56,32 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_dropless_dispatch_equals_the_per_token_loop(renormalize, top_k):
     torch.manual_seed(0)
-    moe = MoE(tiny(renormalize=renormalize, top_k=top_k), 1)
-    x = torch.randn(2, 11, 16, requires_grad=True)
+    moe = MoE(tiny(renormalize=renormalize, top_k=top_k), 1).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64, requires_grad=True)
     out = moe(x)
     x_ref = x.detach().clone().requires_grad_()
     ref = naive_moe(moe, x_ref.view(-1, 16)).view_as(x)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, **F64_TOL)
     # Gradients too (inputs, router, experts): compare the router's, then the inputs'.
     out.square().sum().backward()
     router_grad = moe.router.weight.grad.clone()
     moe.zero_grad()
     ref.square().sum().backward()
-    torch.testing.assert_close(router_grad, moe.router.weight.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(router_grad, moe.router.weight.grad, **F64_TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad, **F64_TOL)
     if renormalize:  # Mixtral: each token's weights sum to 1
         _, weights, _ = moe.route(x.detach().view(-1, 16))
-        torch.testing.assert_close(weights.sum(-1), torch.ones(22))
+        torch.testing.assert_close(weights.sum(-1), torch.ones(22, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("factor", [0.25, 0.6, 1.0, 4.0])
 def test_capacity_mode_drops_the_latest_tokens_of_each_full_expert(factor):
     torch.manual_seed(1)
-    moe = MoE(tiny(capacity_factor=factor), 1)
-    x = torch.randn(20, 16)
+    moe = MoE(tiny(capacity_factor=factor), 1).double()
+    x = torch.randn(20, 16, dtype=torch.float64)
     capacity = math.ceil(2 * 20 / 4 * factor)
     assert moe.capacity(20) == capacity
-    torch.testing.assert_close(moe(x), naive_moe(moe, x, capacity), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moe(x), naive_moe(moe, x, capacity), **F64_TOL)
 
 
 def test_capacity_overflow_passes_through_as_zeros_and_is_reported():
