@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,9 +87,12 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
 
 
 @contextlib.contextmanager
-def cli_in_background(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
-    """The real CLI running in the background (stdout and stderr piped), killed if still
-    running when the block ends."""
+def cli_in_background(
+    *args: str, env: dict | None = None, own_group: bool = False
+) -> Iterator[subprocess.Popen]:
+    """The real CLI running in the background (stdout and stderr piped), killed (with its
+    process group when ``own_group``: a job that `os.killpg` can signal as a whole, as
+    `scancel` does) if still running when the block ends."""
     job = subprocess.Popen(
         [sys.executable, "-m", "launch.cli", *args],
         cwd=REPO,
@@ -95,10 +100,14 @@ def cli_in_background(*args: str, env: dict | None = None) -> Iterator[subproces
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=own_group,
     )
     try:
         yield job
     finally:
+        if own_group:  # workers outlive a launcher that was killed
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)
         if job.poll() is None:
             job.kill()
             job.communicate()
@@ -114,6 +123,24 @@ def wait_until(job: subprocess.Popen, done: Callable[[], bool], seconds: float, 
             pytest.fail(f"the job ended ({job.returncode}) before {what}:\n{(out + err)[-4000:]}")
         assert time.monotonic() < deadline, f"no {what} within {seconds:.0f} s"
         time.sleep(0.1)
+
+
+_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without Python warnings (a library's "file:line: XWarning: ..." and the source
+    line under it): the lines hybridtron itself printed."""
+    lines, kept, skip_source = stderr.strip().splitlines(), [], False
+    for line in lines:
+        if _WARNING.match(line):
+            skip_source = True
+        elif skip_source and line.startswith(" "):
+            skip_source = False
+        else:
+            skip_source = False
+            kept.append(line)
+    return kept
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):

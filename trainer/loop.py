@@ -7,6 +7,9 @@ position; so N steps equal N/2 steps + resume + N/2 steps, bit for bit (fp32, sa
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
 import signal
 import threading
 import time
@@ -31,10 +34,13 @@ from data_pipeline import (
 )
 from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
+from trainer import exit_codes
 from trainer.config import RunConfig, grad_accumulation_steps
+from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
 from trainer.metrics import MetricsLogger, ProgressBar
 from trainer.plot import plot_losses
 from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.run_lock import RunDirLock
 from trainer.schedules import lr_at
 from trainer.train_module import TrainModule
 
@@ -60,14 +66,25 @@ class TrainResult:
 
 
 PREEMPT_FILE = "PREEMPT"  # in trainer.run_dir: asks a run to checkpoint and stop, like SIGTERM
+NOTICE_WINDOW_S = 5.0  # a signal this soon after a notice is the same request, not a second one
+
+
+class PeerReported(UserError):
+    """This rank stops on an error another rank (global rank 0) reports for the whole job."""
+
+    quiet = True  # the CLI prints nothing for it: one line per job, not one per rank
 
 
 class PreemptionWatcher:
     """Turns SIGTERM / SIGUSR1 (what schedulers send before killing a job) into a flag.
 
     The loop finishes the step it is in, writes a checkpoint and stops, so a pre-empted job loses
-    at most one step and resumes exactly. A second signal acts at once (the default action), for
-    a step that cannot finish. Only the main thread can install handlers.
+    at most one step and resumes exactly. A second signal acts at once, for a step that cannot
+    finish: the handler installed before gets it, and where that is the default action the
+    process exits 75 (`exit_codes.STOPPED_WITHOUT_CHECKPOINT`) instead of dying by the signal,
+    whose 143 would claim a checkpoint. A request from a notice file counts as a first signal only
+    once ``NOTICE_WINDOW_S`` have passed: the launcher writes its notice for the same SIGTERM that
+    may reach this process directly too. Only the main thread can install handlers.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -75,31 +92,68 @@ class PreemptionWatcher:
     def __init__(self, notice: Path | None = None) -> None:
         self.requested = False
         self.signal_name = ""
-        self.notice = notice
+        launcher = launch_file(PREEMPT_NOTICE)  # `--nproc-per-node`'s notice (launch.spawn)
+        self.notices = [n for n in (notice, launcher) if n is not None]
+        self.writing: Path | None = None  # a partial checkpoint to remove when stopping at once
+        self._signalled = False
+        self._noticed_at: float | None = None
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        if self.requested:  # a second signal: the step is not finishing (e.g. a stalled read)
-            self.restore()
-            signal.raise_signal(signum)
+        noticed = self._noticed_at is not None
+        if self._signalled or (noticed and time.monotonic() - self._noticed_at > NOTICE_WINDOW_S):
+            self._act_at_once(signum)  # a second signal: the step is not finishing
             return
-        self.requested = True
+        self._signalled = self.requested = True
         self.signal_name = signal.Signals(signum).name
 
+    def _act_at_once(self, signum: int) -> None:
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.restore()
+        if previous is signal.SIG_IGN:
+            return
+        if previous not in (signal.SIG_DFL, None):
+            signal.raise_signal(signum)  # a handler someone installed before us
+            return
+        if self.writing is not None:
+            shutil.rmtree(self.writing, ignore_errors=True)
+        name = signal.Signals(signum).name
+        code = exit_codes.STOPPED_WITHOUT_CHECKPOINT
+        os.write(
+            2,
+            f"hybridtron: a second {name}: stopping at once, without a checkpoint of the current "
+            f"step (exit {code}); completed checkpoints are kept\n".encode(),
+        )
+        os._exit(code)
+
     def check(self) -> bool:
-        """A signal arrived, or the notice file (`PREEMPT_FILE`) appeared: where no signal can
-        reach the trainer (Ray Train runs it off the main thread) the job's driver creates it."""
-        if not self.requested and self.notice is not None and self.notice.exists():
-            self.requested = True
-            self.signal_name = f"{self.notice.name} file"
+        """A signal arrived, or a notice file appeared: `PREEMPT_FILE`, which the job's driver
+        creates where no signal can reach the trainer (Ray Train runs it off the main thread),
+        or the launcher's notice."""
+        if not self.requested:
+            for notice in self.notices:
+                if notice.exists():
+                    self.requested, self._noticed_at = True, time.monotonic()
+                    self.signal_name = self._notice_name(notice)
+                    break
         return self.requested
+
+    @staticmethod
+    def _notice_name(notice: Path) -> str:
+        if notice.name == PREEMPT_FILE:
+            return f"{PREEMPT_FILE} file"
+        try:  # the launcher writes the signal it got
+            return notice.read_text().strip() or "launcher notice"
+        except OSError:
+            return "launcher notice"
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Trainer:
@@ -196,6 +250,45 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        # First, so that a signal while the data or the model is being prepared is honoured
+        # after the first step instead of killing the process without a checkpoint.
+        preemption = PreemptionWatcher(self.run_dir / PREEMPT_FILE)
+        lock = None
+        try:
+            lock = self._lock_run_dir()
+            return self._fit(preemption)
+        except UserError as exc:
+            if self.main and not isinstance(exc, PeerReported):
+                note_reported(str(exc))  # the launcher adds no line of its own
+            raise
+        except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoints: see _save)
+            if self.grid is None and ckpt.is_disk_full(exc, self.run_dir):
+                free = ckpt.free_bytes(self.run_dir)
+                raise ckpt.CheckpointWriteError(
+                    f"disk full: no space left on device in {self.run_dir} "
+                    f"({ckpt.human_bytes(free or 0)} free) while writing {exc.filename or 'a file'};"
+                    f" free space there, then the same command resumes from the newest checkpoint"
+                ) from None
+            raise
+        finally:
+            preemption.restore()
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self) -> RunDirLock | None:
+        """One trainer per run directory: global rank 0 takes the lock, every rank learns
+        whether it got it."""
+        lock, error = None, None
+        if self.main:
+            lock = RunDirLock(self.run_dir)
+            try:
+                lock.acquire()
+            except UserError as exc:
+                lock, error = None, exc
+        self._stop_if_any_failed(error)
+        return lock
+
+    def _fit(self, preemption: PreemptionWatcher) -> TrainResult:
         cfg, t = self.cfg, self.cfg.trainer
         if t.threads:
             torch.set_num_threads(t.threads)
@@ -250,7 +343,6 @@ class Trainer:
         if self.main:
             notice.unlink(missing_ok=True)  # a notice the previous run already honoured
         self._barrier()
-        preemption = PreemptionWatcher(notice)
         try:
             while step < stop:
                 lr = lr_at(step, t.max_steps, cfg.optim)
@@ -266,11 +358,11 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 bar.update(out.loss, tps, lr)
-                if not torch.isfinite(torch.tensor(out.loss)):
-                    raise UserError(
-                        f"loss is {out.loss} at step {step}; lower optim.lr or use trainer.precision=fp32 "
-                        f"(the last good checkpoint is kept in {self.checkpoints_dir})"
-                    )
+                # One collective a step: a signal may reach the ranks at different steps, and
+                # a stage's gradient norm may blow up alone (DeepSpeed then skips every step).
+                preempted, diverged = self._agreed(preemption.check(), _diverged(out))
+                if diverged:
+                    raise self._divergence_error(out, step)
                 if step % t.log_every == 0 or step == 1 or step == stop:
                     metrics.log(
                         step,
@@ -290,9 +382,8 @@ class Trainer:
                     result.eval_loss = module.eval_loss(eval_set, t.micro_batch_size)
                     metrics.log(step, {"eval/loss": result.eval_loss})
                     bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
-                preempted = self._agreed(preemption.check())
                 if last or preempted or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    result.last_checkpoint = self._save(module, loader, step, tokens)
+                    result.last_checkpoint = self._save(module, loader, step, tokens, preemption)
                 if preempted and self.main:
                     notice.unlink(missing_ok=True)  # honoured: a resumed run goes on
                 if preempted and not last:
@@ -303,7 +394,6 @@ class Trainer:
                     )
                     break
         finally:
-            preemption.restore()
             bar.close()
             metrics.close()
             batches.close()
@@ -377,47 +467,152 @@ class Trainer:
         fmt = "tp {tp} x pp {pp} x dp {dp}"
         return f" (resharded from {fmt.format(**theirs)} to {fmt.format(**self._layout())})"
 
-    def _agreed(self, flag: bool) -> bool:
-        """A flag any rank raised (a signal may reach the ranks at different steps)."""
+    def _agreed(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag raised on any rank."""
         if self.grid is None:
-            return flag
+            return flags
         import torch.distributed as dist
 
-        t = torch.tensor(float(flag))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        from trainer.parallel.watchdog import operation
 
-    def _save(self, module, loader, step: int, tokens: int) -> Path:
+        t = torch.tensor([float(f) for f in flags])
+        with operation("agree on stopping"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+    def _divergence_error(self, out, step: int) -> UserError:
+        """What to do about a non-finite loss or gradient norm, saying only what is true of
+        this run."""
+        if not self.main:
+            return PeerReported(f"training diverged at step {step}")
+        if not math.isfinite(out.loss):
+            what = f"loss is {out.loss}"
+        elif math.isinf(out.grad_norm):
+            what = f"gradient norm is {out.grad_norm} (loss {out.loss:.4f})"
+        else:
+            what = "loss or gradient norm is not finite on another rank"
+        t, lr = self.cfg.trainer, self.cfg.optim.lr
+        done = [
+            p for p in ckpt.list_checkpoints(self.checkpoints_dir) if (p / ckpt.MANIFEST).exists()
+        ]
+        fix = f"Lower optim.lr (now {lr:g}; e.g. optim.lr={lr / 10:g})"
+        if t.precision != "fp32":
+            fix += f" or use trainer.precision=fp32 (now {t.precision})"
+        if done:
+            where = (
+                f"then resume from the newest checkpoint, written before the loss diverged: "
+                f"trainer.resume_from={done[-1]}"
+            )
+        else:
+            where = "no checkpoint was written before it, so start again with that change"
+        return UserError(f"{what} at step {step}: training diverged. {fix}; {where}")
+
+    def _stop_if_any_failed(self, error: UserError | None) -> None:
+        """Every rank stops when any rank raised ``error``: global rank 0 reports it, the others
+        stop quietly (one line per job). A collective, so every rank must call it."""
+        if self.grid is None:
+            if error is not None:
+                raise error
+            return
+        import torch.distributed as dist
+
+        from trainer.parallel.watchdog import operation
+
+        messages: list[str | None] = [None] * self.grid.world
+        with operation("share the ranks' errors"):
+            dist.all_gather_object(messages, None if error is None else str(error))
+        first = next((m for m in messages if m), None)
+        if first is None:
+            return
+        if not self.main:
+            raise PeerReported(first)
+        raise error if error is not None else UserError(first)
+
+    def _save(self, module, loader, step: int, tokens: int, preemption=None) -> Path:
         state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
         if self.grid is None:
-            path = ckpt.save_checkpoint(
-                self.checkpoints_dir,
-                step,
-                module.model.state_dict(),
-                module.optimizer.state_dict(),
-                state,
-                config_yaml(self.cfg),
-                write_extra=self.tokenizer.save,
-            )
-            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+            model_state, optim_state = module.model.state_dict(), module.optimizer.state_dict()
+            tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
+            if preemption is not None:
+                preemption.writing = tmp  # a second signal mid-write removes it
+            try:
+                path = ckpt.save_checkpoint(
+                    self.checkpoints_dir,
+                    step,
+                    model_state,
+                    optim_state,
+                    state,
+                    config_yaml(self.cfg),
+                    write_extra=self.tokenizer.save,
+                )
+                ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+            except Exception as exc:
+                if not ckpt.is_write_failure(exc, self.checkpoints_dir):
+                    raise
+                full = ckpt.is_disk_full(exc, self.checkpoints_dir)
+                needed = ckpt.tensor_bytes(model_state) + ckpt.tensor_bytes(optim_state)
+                raise ckpt.abandon_checkpoint(
+                    self.checkpoints_dir, step, str(exc), full, needed
+                ) from None
+            finally:
+                if preemption is not None:
+                    preemption.writing = None
             return path
         # Every rank writes its shard into step_N.tmp; rank 0 adds the shared files, hashes
-        # everything and renames the directory once all ranks are done.
-        if self.main:
-            ckpt.begin_checkpoint(self.checkpoints_dir, step)
-        self._barrier()
+        # everything and renames the directory once all ranks are done. Each phase ends with
+        # the ranks sharing their write errors (instead of a barrier), so a full disk on any
+        # rank stops every rank with one line and no partial checkpoint.
         tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
-        module.save_shards(tmp)
-        if self.main:
-            torch.save(state, tmp / ckpt.STATE_FILE)
-            (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
-            self.tokenizer.save(tmp)
-        self._barrier()
-        if self.main:
+        self._agree_written(step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+
+        def write_shards() -> None:
+            module.save_shards(tmp)
+            if self.main:
+                torch.save(state, tmp / ckpt.STATE_FILE)
+                (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
+                self.tokenizer.save(tmp)
+
+        self._agree_written(step, write_shards, every_rank=True)
+
+        def finish() -> None:
             ckpt.finish_checkpoint(self.checkpoints_dir, step, self._layout())
             ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
-        self._barrier()
+
+        self._agree_written(step, finish)
         return self.checkpoints_dir / ckpt.step_dir_name(step)
+
+    def _agree_written(self, step: int, write, every_rank: bool = False) -> None:
+        """Run ``write`` (on rank 0 only unless ``every_rank``), then stop every rank if it
+        failed on any: rank 0 removes the partial checkpoint and reports the failure."""
+        import torch.distributed as dist
+
+        from trainer.parallel.watchdog import operation
+
+        failure = None
+        if every_rank or self.main:
+            try:
+                write()
+            except Exception as exc:
+                if not ckpt.is_write_failure(exc, self.checkpoints_dir):
+                    raise  # a failed collective or a bug: not a write to report as one
+                full = ckpt.is_disk_full(exc, self.checkpoints_dir)
+                failure = {"rank": self.grid.rank, "full": full, "error": str(exc)}
+        failures: list[dict | None] = [None] * self.grid.world
+        with operation(f"share the ranks' checkpoint write errors (step {step})"):
+            dist.all_gather_object(failures, failure)
+        failed = [f for f in failures if f]
+        if not failed:
+            return
+        if not self.main:
+            raise PeerReported(f"rank {failed[0]['rank']} could not write checkpoint step {step}")
+        first = next((f for f in failed if f["full"]), failed[0])
+        cause = f"rank {first['rank']}: {first['error']}"
+        raise ckpt.abandon_checkpoint(self.checkpoints_dir, step, cause, first["full"])
+
+
+def _diverged(out) -> bool:
+    """A non-finite loss, or an infinite gradient norm (a nan one can mean "not computed")."""
+    return not math.isfinite(out.loss) or math.isinf(out.grad_norm)
 
 
 class NullMetrics:
