@@ -40,6 +40,7 @@ from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
 from trainer.metrics import MetricsLogger, ProgressBar
 from trainer.plot import plot_losses
 from trainer.rng import rng_state, seed_everything, set_rng_state
+from trainer.run_lock import WAIT_S as RUN_LOCK_WAIT_S
 from trainer.run_lock import RunDirLock
 from trainer.schedules import lr_at
 from trainer.train_module import TrainModule
@@ -282,7 +283,7 @@ class Trainer:
         if self.main:
             lock = RunDirLock(self.run_dir)
             try:
-                lock.acquire()
+                lock.acquire(wait_s=RUN_LOCK_WAIT_S)
             except UserError as exc:
                 lock, error = None, exc
         self._stop_if_any_failed(error)

@@ -24,6 +24,7 @@ from pathlib import Path
 from arch.registry import UserError
 
 LOCK_FILE = "run.lock"
+WAIT_S = 10.0  # how long a trainer waits for a holder that is exiting before it refuses
 # Filesystems without working flock (some FUSE or Lustre mounts without -o flock).
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
@@ -69,7 +70,19 @@ class RunDirLock:
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def acquire(self, wait_s: float = 0.0) -> None:
+        """Take the lock, waiting up to ``wait_s`` for a live holder to let go (a restarted
+        job's predecessor may still be exiting); RunDirBusy if it does not."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._try_acquire()
+            except RunDirBusy:
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.5)
+
+    def _try_acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a takeover replaces the file; a racing trainer may do the same
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
