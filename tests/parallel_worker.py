@@ -113,14 +113,22 @@ def run_layout(layout: dict) -> dict:
     return summary(out)
 
 
+def watchdog(pieces: int = 1) -> None:
+    """A mismatched collective hangs on gloo: end this rank with its stack if the next
+    ``pieces`` pieces of work (layouts, references) take over 4 minutes each (re-armed as the
+    work goes, so the number of layouts in one launch does not matter)."""
+    faulthandler.dump_traceback_later(240 * pieces, exit=True)
+
+
 def main() -> None:
-    # A mismatched collective hangs on gloo. Armed here, not at import: the test imports this
-    # module (model_key), and an import-time timer would end the pytest process itself.
-    faulthandler.dump_traceback_later(240, exit=True)
     out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
-    results = [run_layout(layout) for layout in layouts]
+    results = []
+    for layout in layouts:
+        watchdog()
+        results.append(run_layout(layout))
+    models = {model_key(layout): layout for layout in layouts}
+    watchdog(len(models))  # rank 0 trains every reference while the others wait
     if dist.get_rank() == 0:
-        models = {model_key(layout): layout for layout in layouts}
         references = {key: reference(layout) for key, layout in models.items()}
         keys = [model_key(layout) for layout in layouts]  # each layout's reference
         payload = {"references": references, "layouts": layouts, "results": results, "keys": keys}
