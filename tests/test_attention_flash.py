@@ -24,5 +24,6 @@ def test_causal_attention_runs_on_the_flash_kernel_alone(kv_heads):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         logits = model(ids)
         logits.float().pow(2).mean().backward()  # the backward is flash's too
+    # On CPU the flash context measured bit-equal to the default path over threads/kernels.
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
     assert model.layers[0].inner.wq.weight.grad is not None

