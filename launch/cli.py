@@ -308,7 +308,8 @@ def _train_rank(
 
     ``reraise``: raise errors instead of ending the process (a Ray Train worker).
     ``command``: the command line after `hybridtron` that started the run, for the hints at
-    the end (None in a Ray worker: a `submit` of the run directory's resolved config)."""
+    the end (a Ray worker gets the `submit` line from the driver; None: a `submit` of the run
+    directory's resolved config)."""
     import logging
 
     from trainer import Trainer
@@ -392,11 +393,17 @@ def _set_keys(
 
 
 def _recipe_sets(recipe: str, key: str) -> bool:
+    """Whether the recipe sets ``key``; True when it cannot be read here (a Ray worker on
+    another machine or in another directory than the `submit`): ``key=null`` is then safe."""
     from omegaconf import OmegaConf
 
     from launch.config import _load_recipe
 
-    return OmegaConf.select(_load_recipe(recipe), key, default=None) is not None
+    try:
+        loaded = _load_recipe(recipe)
+    except UserError:
+        return True
+    return OmegaConf.select(loaded, key, default=None) is not None
 
 
 def rerun_commands(command: Sequence[str], cfg) -> tuple[str, str]:

@@ -7,7 +7,9 @@ the project code (this repository without .venv, runs, .git, caches) and the res
 (``python -m launch.ray_job run ...``, on the head) runs the same driver there. The driver checks
 that the cluster has the resources, then runs Ray Train's TorchTrainer (see launch/ray_worker.py)
 with ``FailureConfig(max_failures=launch.max_failures)``: a dead worker restarts the worker group,
-which resumes from the newest complete checkpoint in trainer.run_dir.
+which resumes from the newest complete checkpoint in trainer.run_dir. The submit command line
+travels with the job too (``hybridtron_command.json``): rank 0's resume / continue-longer hints
+at the end of the run repeat it.
 
 Every failure a user can fix ends in one line (exit 1 or 2), no traceback.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import shutil
@@ -29,11 +32,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from arch.registry import UsageError, UserError
-from launch.ray_local import loopback_only, loopback_torch_config
+from launch.ray_local import free_fixed_ports, loopback_only, loopback_torch_config
 from launch.ray_output import OutputFilter, install_driver_filter, last_exception_line
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_CONFIG_FILE = "hybridtron_job.yaml"
+JOB_COMMAND_FILE = "hybridtron_command.json"  # the submit command line, for the hints at the end
 EXCLUDED = {".venv", "venv", "runs", ".git", ".gitignore", "__pycache__", ".pytest_cache", ".ruff_cache",
             ".mypy_cache", "node_modules", "wandb"}  # fmt: skip
 MAX_FILE_BYTES = 20 << 20  # larger files (data, weights) stay behind: put them on shared storage
@@ -80,13 +84,34 @@ def prepare_config(args: list[str], num_workers: int, gpus_per_worker: int):
     return cfg, config, to_yaml(cfg)
 
 
+def submit_command(args: list[str], address: str | None, num_workers: int, gpus: int,
+                   no_wait: bool = False) -> list[str]:  # fmt: skip
+    """The `hybridtron submit` command line (after `hybridtron`) as the user gave it: recipe and
+    overrides in order, then the options."""
+    command = ["submit", *args, "--num-workers", str(num_workers)]
+    command += ["--address", address] if address else []
+    command += ["--gpus-per-worker", str(gpus)] if gpus else []
+    return command + (["--no-wait"] if no_wait else [])
+
+
+# Ray Train's workers replace `print` with one that logs each line (to stderr) and, as a Ray
+# worker's sys.stdout is not sys.__stdout__, prints it too: each line reached the driver twice.
+PRINT_PATCH_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def job_env(cfg) -> dict[str, str]:
-    """Environment for every worker: cluster.env (NCCL / InfiniBand) plus unbuffered output."""
-    return {**{k: str(v) for k, v in cfg.cluster.env.items()}, "PYTHONUNBUFFERED": "1"}
+    """Environment for every worker: cluster.env (NCCL / InfiniBand) plus unbuffered output,
+    each printed line once."""
+    return {
+        **{k: str(v) for k, v in cfg.cluster.env.items()},
+        "PYTHONUNBUFFERED": "1",
+        **PRINT_PATCH_ENV,
+    }
 
 
-def stage_code(config_yaml: str) -> Path:
-    """A copy of the project (small files only) plus the resolved config: the job's payload."""
+def stage_code(config_yaml: str, command: list[str] | None = None) -> Path:
+    """A copy of the project (small files only) plus the resolved config and the submit command
+    line: the job's payload."""
     stage = Path(tempfile.mkdtemp(prefix="hybridtron-job-"))
 
     def ignore(directory: str, names: list[str]) -> set[str]:
@@ -101,6 +126,8 @@ def stage_code(config_yaml: str) -> Path:
 
     shutil.copytree(REPO, stage / "code", ignore=ignore, symlinks=False)
     (stage / "code" / JOB_CONFIG_FILE).write_text(config_yaml)
+    if command is not None:
+        (stage / "code" / JOB_COMMAND_FILE).write_text(json.dumps(command))
     return stage / "code"
 
 
@@ -154,9 +181,11 @@ def _worker_error(exc: BaseException) -> str:
 
 
 def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int,
-          loopback: bool = False) -> int:  # fmt: skip
+          loopback: bool = False, command: list[str] | None = None) -> int:  # fmt: skip
     """Run the TorchTrainer on the Ray instance this process is connected to; ``loopback``: the
-    embedded instance, whose process group listens on 127.0.0.1 too."""
+    embedded instance, whose process group listens on 127.0.0.1 too; ``command``: the submit
+    command line, which rank 0's hints at the end repeat (None: a submit of the run directory's
+    config.yaml)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -169,7 +198,11 @@ def drive(config_yaml: str, config_name: str | None, num_workers: int, gpus: int
     resources = {"CPU": CPUS_PER_WORKER, **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config_yaml": config_yaml, "config_name": config_name},
+        train_loop_config={
+            "config_yaml": config_yaml,
+            "config_name": config_name,
+            "command": command,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers, use_gpu=gpus > 0, resources_per_worker=resources
         ),
@@ -234,8 +267,10 @@ class PreemptionRelay:
 
 
 def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_workers: int,
-                 gpus: int, relay: PreemptionRelay | None = None) -> int:  # fmt: skip
-    """An embedded Ray instance on 127.0.0.1 for this job, in the foreground."""
+                 gpus: int, relay: PreemptionRelay | None = None,
+                 command: list[str] | None = None) -> int:  # fmt: skip
+    """An embedded Ray instance on 127.0.0.1 for this job, in the foreground, on free ports
+    (several run side by side)."""
     import logging
 
     loopback_only()
@@ -244,18 +279,19 @@ def run_embedded(config_yaml: str, config_name: str | None, env: dict, num_worke
     os.environ.pop("RAY_ADDRESS", None)
     # "Token authentication is enabled": true, and nothing to act on for a private instance
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-    ray.init(
-        address="local",
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        object_store_memory=512 << 20,
-        logging_level="WARNING",
-        runtime_env={"env_vars": env},
-    )
+    with free_fixed_ports():
+        ray.init(
+            address="local",
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            object_store_memory=512 << 20,
+            logging_level="WARNING",
+            runtime_env={"env_vars": env},
+        )
     if relay is not None:
         relay.install()
     try:
-        return drive(config_yaml, config_name, num_workers, gpus, loopback=True)
+        return drive(config_yaml, config_name, num_workers, gpus, loopback=True, command=command)
     finally:
         ray.shutdown()
 
@@ -310,12 +346,14 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
            no_wait: bool = False) -> int:  # fmt: skip
     """`hybridtron submit`: the job's exit code (0 when it succeeded, 143 when pre-empted)."""
     check_counts(num_workers, gpus)
+    command = submit_command(args, address, num_workers, gpus, no_wait)
     if address is None:
         if no_wait:
             raise UsageError("--no-wait needs --address (an embedded Ray runs in the foreground)")
         cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
         relay = PreemptionRelay(cfg.trainer.run_dir)
-        code = run_embedded(config_yaml, config_name, job_env(cfg), num_workers, gpus, relay)
+        env = job_env(cfg)
+        code = run_embedded(config_yaml, config_name, env, num_workers, gpus, relay, command)
         return relay.exit_code(code)
     client, address = connect(address)  # first: an unreachable cluster fails at once
     cfg, config_name, config_yaml = prepare_config(args, num_workers, gpus)
@@ -323,13 +361,13 @@ def submit(args: list[str], address: str | None, num_workers: int, gpus: int,
     if total is not None:  # else the job's entrypoint checks
         check_resources(num_workers, gpus, total)
     env = job_env(cfg)
-    code = stage_code(config_yaml)
+    code = stage_code(config_yaml, command)
     name = Path(cfg.trainer.run_dir).name
     job_id = f"hybridtron-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     python = job_python(address)
     entrypoint = (
         f"{shlex.quote(python)} -m launch.ray_job run {JOB_CONFIG_FILE} --num-workers "
-        f"{num_workers} --gpus-per-worker {gpus}"
+        f"{num_workers} --gpus-per-worker {gpus} --command-file {JOB_COMMAND_FILE}"
         + (f" --config-name {shlex.quote(config_name)}" if config_name else "")
     )
     where = "" if python != "python" else f"  (the head's PATH decides; {JOB_PYTHON_ENV} picks one)"
@@ -469,7 +507,8 @@ def job_command(command: str, job_id: str, address: str | None, follow_logs: boo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launch.ray_job run CONFIG_YAML --num-workers N --gpus-per-worker G``."""
+    """``python -m launch.ray_job run CONFIG_YAML --num-workers N --gpus-per-worker G
+    [--command-file JSON] [--config-name NAME]``."""
     import ray
 
     parser = argparse.ArgumentParser(prog="python -m launch.ray_job")
@@ -478,11 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, required=True)
     parser.add_argument("--gpus-per-worker", type=int, default=0)
     parser.add_argument("--config-name")
+    parser.add_argument("--command-file", help="the submit command line, a JSON list")
     args = parser.parse_args(argv)
     try:
         ray.init(logging_level="WARNING")  # the cluster this job runs on (RAY_ADDRESS)
         text = Path(args.config_yaml).read_text()
-        return drive(text, args.config_name, args.num_workers, args.gpus_per_worker)
+        command = json.loads(Path(args.command_file).read_text()) if args.command_file else None
+        return drive(text, args.config_name, args.num_workers, args.gpus_per_worker,
+                     command=command)  # fmt: skip
     except UserError as exc:
         print(f"hybridtron submit: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

@@ -6,14 +6,22 @@ to 0.0.0.0; and torch's TCPStore, which rank 0 hosts for the process group, bind
 whatever MASTER_ADDR says. Here: Ray's own laptop setting keeps the node address at 127.0.0.1
 (every Ray server then binds to it), and rank 0's store listens on a socket bound to MASTER_ADDR.
 tests/test_ray_launch.py lists the listening sockets of a running job's process tree.
+
+Ray picks free ports for most of its servers, but three are fixed: the dashboard agent's HTTP
+port (52365), the autoscaler's and the dashboard's metrics ports (44217, 44227). A second
+instance on the machine (another `hybridtron submit`, a `ray start`) then finds them taken: its
+agent retries and runs without HTTP, its metrics servers don't start and the dashboard's address
+in the GCS names the other instance's. :func:`free_fixed_ports` gives each a free port instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Iterator
 
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address 127.0.0.1 stays 127.0.0.1
@@ -27,6 +35,61 @@ def loopback_only() -> None:
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # imported already: it read the variable then
         constants.ENABLE_RAY_CLUSTER = False
+
+
+# Ray's fixed ports that its child processes read from the environment (ray.autoscaler's and
+# ray.dashboard's constants).
+FIXED_PORT_ENV = ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT")
+# Ray's default ports (GCS, client, dashboard, agent, metrics): a `ray start` wants them.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 44217, 44227, 52365})
+
+
+def free_port(host: str = "127.0.0.1", taken: frozenset[int] = frozenset()) -> int:
+    """A port free on ``host`` now, none of Ray's defaults nor of ``taken``."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS | taken:
+            return port
+
+
+@contextlib.contextmanager
+def free_fixed_ports() -> Iterator[dict[str, int]]:
+    """Around `ray.init` of the embedded instance: a free port for each of Ray's fixed ones
+    (the metrics ports through their environment variables, which the processes Ray starts
+    inherit; the dashboard agent's through Ray's node parameters); the ports chosen."""
+    ports: dict[str, int] = {}
+    for name in (*FIXED_PORT_ENV, "dashboard_agent_listen_port"):
+        ports[name] = free_port(taken=frozenset(ports.values()))
+    agent_port = ports.pop("dashboard_agent_listen_port")
+    saved = {name: os.environ.get(name) for name in FIXED_PORT_ENV}
+    os.environ.update({name: str(port) for name, port in ports.items()})
+    try:
+        try:
+            import ray._private.parameter as parameter
+
+            original = parameter.RayParams
+        except (ImportError, AttributeError):  # Ray's internals moved: its default port stays
+            yield ports
+            return
+
+        class RayParams(original):
+            def __init__(self, *args, **kwargs):
+                kwargs.setdefault("dashboard_agent_listen_port", agent_port)
+                super().__init__(*args, **kwargs)
+
+        parameter.RayParams = RayParams
+        try:
+            yield {**ports, "dashboard_agent_listen_port": agent_port}
+        finally:
+            parameter.RayParams = original
+    finally:  # the processes that read them have started
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def is_loopback(host: str) -> bool:

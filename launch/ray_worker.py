@@ -53,4 +53,7 @@ def train_loop(loop_config: dict) -> None:
         print(f"[ray] worker environment: {seen}", flush=True)
     # Pre-empted (the driver wrote the PREEMPT notice; see launch.ray_job): every rank has
     # checkpointed and returns, so the job ends instead of being restarted.
-    _train_rank(cfg, loop_config.get("config_name"), reraise=True)
+    # The hints at the end repeat the submit command (None: a submit of the run's config.yaml).
+    _train_rank(
+        cfg, loop_config.get("config_name"), reraise=True, command=loop_config.get("command")
+    )

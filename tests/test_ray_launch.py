@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch.ray_local import RAY_DEFAULT_PORTS
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import verify_checkpoint
 
@@ -45,6 +47,13 @@ def free_port() -> int:
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
+def hint(out: str, name: str) -> str:
+    """The command of the end-of-run hint ``name`` ("resume", "continue longer")."""
+    lines = [line for line in out.splitlines() if f"  {name}  " in line]
+    assert len(lines) == 1, lines  # printed once (not by Ray's print patch and by stdout too)
+    return lines[0].split(f"  {name}  ", 1)[1].split("  # ")[0].strip()
+
+
 def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     """(address, port, process) of every listening TCP socket of ``root_pid`` and its
     descendants: the driver, GCS, raylet, agents, dashboard/monitor processes and workers."""
@@ -64,7 +73,8 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
 def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
     """`hybridtron submit` without an address (embedded Ray, 2 CPU workers); SIGKILL one worker
     after the first checkpoint: the worker group restarts from the newest checkpoint, the job
-    exits 0 with every step once and the losses of an uninterrupted `--nproc-per-node 2` run."""
+    exits 0 with every step once and the losses of an uninterrupted `--nproc-per-node 2` run.
+    Each line a worker prints reaches the output once; the hints repeat the submit command."""
     steps = 20
     extra = (f"trainer.max_steps={steps}", "trainer.checkpoint_every=2")
     whole = tmp_path / "whole"
@@ -73,7 +83,8 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
     run = tmp_path / "killed"
     start = time.monotonic()
     step2 = run / "checkpoints" / "step_00000002"
-    with cli_in_background(*args_for("submit", tiny_data, run, *extra), *WORKERS, env=ENV) as job:
+    submit = args_for("submit", tiny_data, run, *extra)
+    with cli_in_background(*submit, *WORKERS, env=ENV) as job:
         wait_until(job, step2.exists, 240, "checkpoint at step 2")
         workers = [
             p
@@ -85,9 +96,18 @@ def test_submit_embedded_recovers_from_a_killed_worker(tiny_data, tmp_path):
         out, err = job.communicate(timeout=300)
         out += err
     assert job.returncode == 0, out[-4000:]
-    assert f"Done: step {steps}/{steps}" in out
+    assert out.count(f"Done: step {steps}/{steps}") == 1, out[-4000:]
     resumed = [line for line in out.splitlines() if "[resume] from" in line]
     assert resumed, out[-4000:]  # the restarted group resumed from a checkpoint
+    assert len(resumed) == len(set(resumed)), resumed  # once per restart, not twice
+    rank_errors = [line for line in out.splitlines() if "hybridtron train: " in line]
+    assert len(rank_errors) == len(set(rank_errors)), rank_errors  # the survivor's, once
+    # the hints repeat the submit command: the recipe's overrides in order, its options
+    assert hint(out, "resume") == shlex.join(["hybridtron", *submit, *WORKERS])
+    # trainer.max_steps doubled in its last override (the one that counted), the others gone
+    doubled = [f"trainer.max_steps={2 * steps}" if a == extra[0] else a for a in submit
+               if not a.startswith("trainer.max_steps=") or a == extra[0]]  # fmt: skip
+    assert hint(out, "continue longer") == shlex.join(["hybridtron", *doubled, *WORKERS])
     # Ray's bookkeeping and the surviving worker's traceback stay in Ray's logs
     for noise in (
         "Failed to query Ray Train Controller",
@@ -118,11 +138,14 @@ def test_sigterm_to_submit_checkpoints_every_worker_and_exits_143(tiny_data, tmp
         out, err = job.communicate(timeout=180)
         out += err
     assert job.returncode == 143, out[-4000:]
-    assert "[preempted] PREEMPT file" in out
+    assert out.count("[preempted] PREEMPT file") == 1, out[-4000:]
     assert len(sockets) >= 5, sockets  # GCS, raylet, agents, workers: found at all
     assert "gcs_server" in " ".join(name for _, _, name in sockets), sockets
     exposed = [s for s in sockets if s[0] not in LOOPBACK]
     assert not exposed, exposed
+    # none of Ray's fixed ports (agent 52365, metrics 44217 / 44227): a second instance can run
+    fixed = [s for s in sockets if s[1] in RAY_DEFAULT_PORTS]
+    assert not fixed, fixed
     last = max(r["step"] for r in metrics(run) if "loss" in r)
     newest = sorted((run / "checkpoints").glob("step_????????"))[-1]
     assert verify_checkpoint(newest).step == last < 400
@@ -170,7 +193,9 @@ def test_submit_to_a_cluster_follows_the_job(ray_head, tiny_data, tmp_path):
     assert proc.returncode == 0, out[-4000:]
     job_id = next(line.split()[2] for line in out.splitlines() if line.startswith("submitted job"))
     assert f"[submit] entrypoint: {sys.executable} -m launch.ray_job run" in out  # a local head
-    assert "Done: step 4/4" in out  # the trainer's output, followed to the end
+    assert out.count("Done: step 4/4") == 1, out[-4000:]  # the trainer's output, followed
+    # the hints repeat the submit command, --address included
+    assert hint(out, "resume") == shlex.join(["hybridtron", *args, "--address", address, *WORKERS])
     seen = next(line for line in out.splitlines() if "[ray] worker environment:" in line)
     assert "HYBRIDTRON_PROBE=42" in seen and "NCCL_IB_HCA=mlx5" in seen  # cluster.env arrived
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]

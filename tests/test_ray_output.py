@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from launch.ray_job import job_python
@@ -62,3 +63,74 @@ def test_the_entrypoint_python(monkeypatch):
     assert job_python("http://192.0.2.250:8265") == "python"  # another: its PATH decides
     monkeypatch.setenv("HYBRIDTRON_JOB_PYTHON", "/opt/venv/bin/python")
     assert job_python("http://192.0.2.250:8265") == "/opt/venv/bin/python"
+
+
+def test_the_hints_of_a_ray_run_repeat_its_submit_command():
+    """What rank 0 of a Ray run prints to resume / continue: the submit line as given (recipe,
+    overrides in order, options), only the keys that must change replaced."""
+    from launch.cli import rerun_commands
+    from launch.config import load_config
+    from launch.ray_job import submit_command
+
+    overrides = ["trainer.max_steps=6", "model.pattern=*M*-", "trainer.stop_at_step=3"]
+    command = submit_command(["tiny", *overrides], "http://head:8265", 4, 1)
+    assert command == ["submit", "tiny", *overrides, "--num-workers", "4",
+                       "--address", "http://head:8265", "--gpus-per-worker", "1"]  # fmt: skip
+    cfg = load_config("tiny", overrides)
+    resume, longer = rerun_commands(command, cfg)
+    flags = "--address http://head:8265 --num-workers 4 --gpus-per-worker 1"
+    assert resume == f"hybridtron submit tiny trainer.max_steps=6 'model.pattern=*M*-' {flags}"
+    pinned = "optim.warmup_steps=5"  # the warm-up took the whole run (shortened to 5)
+    assert longer == (
+        f"hybridtron submit tiny trainer.max_steps=12 'model.pattern=*M*-' {pinned} {flags}"
+    )
+
+
+def test_a_recipe_the_worker_cannot_read_still_gives_hints():
+    """A Ray worker on another machine may not see the recipe path typed at `submit`: the
+    hints unset a key with `key=null` instead of failing the finished run."""
+    from launch.cli import rerun_commands
+    from launch.config import load_config
+
+    cfg = load_config(None, ["trainer.stop_at_step=3"])
+    command = ["submit", "/nowhere/recipe.yaml", "trainer.stop_at_step=3", "--num-workers", "2"]
+    resume, _ = rerun_commands(command, cfg)
+    assert resume == (
+        "hybridtron submit /nowhere/recipe.yaml trainer.stop_at_step=null --num-workers 2"
+    )
+
+
+def test_workers_print_each_line_once():
+    """Ray Train's print patch sends each printed line to the driver twice (its logger on
+    stderr, and stdout): every job's workers run without it, whatever cluster.env says."""
+    from launch.config import load_config
+    from launch.ray_job import job_env
+
+    cfg = load_config(None, ["cluster.env.RAY_TRAIN_ENABLE_PRINT_PATCH=1"])
+    assert job_env(cfg)["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+
+
+def test_the_embedded_instance_takes_none_of_rays_fixed_ports(monkeypatch):
+    """Ray's fixed ports (agent HTTP 52365, metrics 44217 / 44227) become free ports, so that
+    two embedded `submit`s (or one and a `ray start`) run side by side; put back afterwards."""
+    import socket
+
+    import ray._private.parameter as parameter
+
+    from launch.ray_local import RAY_DEFAULT_PORTS, free_fixed_ports
+
+    monkeypatch.setenv("DASHBOARD_METRIC_PORT", "44227")
+    monkeypatch.delenv("AUTOSCALER_METRIC_PORT", raising=False)
+    with free_fixed_ports() as ports:
+        params = parameter.RayParams(node_ip_address="127.0.0.1")
+        assert params.dashboard_agent_listen_port == ports["dashboard_agent_listen_port"]
+        assert parameter.RayParams(dashboard_agent_listen_port=7).dashboard_agent_listen_port == 7
+        for name in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+            assert os.environ[name] == str(ports[name])
+        assert len(set(ports.values())) == 3 and not set(ports.values()) & RAY_DEFAULT_PORTS
+        for port in ports.values():  # free: a server can bind it
+            with socket.create_server(("127.0.0.1", port)):
+                pass
+    assert parameter.RayParams().dashboard_agent_listen_port == 52365
+    assert os.environ["DASHBOARD_METRIC_PORT"] == "44227"
+    assert "AUTOSCALER_METRIC_PORT" not in os.environ
