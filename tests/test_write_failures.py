@@ -88,6 +88,17 @@ def test_full_disk_during_a_checkpoint_says_so_in_one_line(tiny_data, small_disk
     assert set(logged_losses(run)) == set(range(1, 7))
 
 
+def test_a_disk_full_from_the_start_says_so_in_one_line(tiny_data, small_disk):
+    """Not even the run's files fit (lock, config, metrics): the same kind of line."""
+    run = small_disk / "run"
+    _leave_free(small_disk, 0)
+    proc = run_cli(*_args(tiny_data, run), env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = _one_line(proc)
+    assert f"disk full: no space left on device in {run}" in line, line
+    assert "starts again from step 0" in line, line
+
+
 SITECUSTOMIZE = """
 import errno, os, warnings
 if os.environ.get("RANK") == "1":  # only rank 1's shard cannot be written

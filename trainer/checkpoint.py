@@ -287,6 +287,14 @@ def human_bytes(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
+def what_resumes(checkpoints_dir: Path) -> str:
+    """What running the same command again will do, said truthfully."""
+    done = [p for p in list_checkpoints(checkpoints_dir) if (p / MANIFEST).exists()]
+    if done:
+        return f"the same command resumes from {done[-1]}"
+    return "the same command starts again from step 0 (no checkpoint was completed)"
+
+
 def abandon_checkpoint(
     checkpoints_dir: Path, step: int, cause: str, disk_full: bool, needed: int | None = None
 ) -> CheckpointWriteError:
@@ -298,11 +306,7 @@ def abandon_checkpoint(
     done = [p for p in list_checkpoints(checkpoints_dir) if (p / MANIFEST).exists()]
     if needed is None and done:
         needed = dir_bytes(done[-1])  # the previous checkpoint's size: a good estimate
-    after = (
-        f"then the same command resumes from {done[-1]}"
-        if done
-        else "then the same command starts again from step 0 (no checkpoint was completed)"
-    )
+    after = f"then {what_resumes(checkpoints_dir)}"
     if disk_full:
         free = free_bytes(checkpoints_dir)
         space = f"{human_bytes(free)} free" if free is not None else "no space"

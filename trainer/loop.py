@@ -265,10 +265,10 @@ class Trainer:
         except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoints: see _save)
             if self.grid is None and ckpt.is_disk_full(exc, self.run_dir):
                 free = ckpt.free_bytes(self.run_dir)
-                raise ckpt.CheckpointWriteError(
+                raise UserError(
                     f"disk full: no space left on device in {self.run_dir} "
                     f"({ckpt.human_bytes(free or 0)} free) while writing {exc.filename or 'a file'};"
-                    f" free space there, then the same command resumes from the newest checkpoint"
+                    f" free space there, then {ckpt.what_resumes(self.checkpoints_dir)}"
                 ) from None
             raise
         finally:
