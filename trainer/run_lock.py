@@ -59,8 +59,15 @@ def holder_info() -> dict:
         "pid": pid,
         "pid_start": _process_start(pid),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "command": shlex.join(sys.argv),
+        "command": _command(),
     }
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("launch/cli.py", "/hybridtron")):
+        argv[0] = "hybridtron"  # `python -m launch.cli` shows as its path
+    return shlex.join(argv)
 
 
 class RunDirLock:
