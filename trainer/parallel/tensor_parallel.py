@@ -609,7 +609,8 @@ def parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch
     """Mean next-token cross-entropy in fp32 (= `arch.model.lm_loss` of the dense model)."""
     if tp_size() == 1:
         return lm_loss(logits, targets)
-    # Megatron's kernel works in place on its input: give it its own fp32 copy.
+    # Megatron's kernel works in place on its input: give it its own copy. It computes in fp32
+    # whatever it gets (it casts), so a float64 model's tensor-parallel loss is fp32-accurate.
     wide = fp32_or_wider(logits)
     logits = wide if wide is not logits else logits.clone()
     return vocab_parallel_cross_entropy(logits, targets).mean()
