@@ -6,11 +6,11 @@ for all of them. When a worker fails, the others get the collective timeout to n
 themselves (each names its rank and the operation), then are stopped.
 
 Pre-emption: a SIGTERM / SIGUSR1 may reach the launcher only (`kill PID`), the whole process
-group (`scancel`, a service stop, Ctrl-\\ in a terminal) or each worker. The launcher does not pass
-its first signal on as a signal (a worker that got its own copy would take the second as "stop at
-once" and die without its checkpoint): it writes a notice file that every worker checks after
-each step, and the workers agree on the step to checkpoint. A second signal to the launcher is
-forwarded, for workers that cannot finish their step.
+group (`scancel`, a service stop) or each worker. The launcher does not pass its first signal on
+as a signal (a worker that got its own copy would take the second as "stop at once" and die
+without its checkpoint): it writes a notice file that every worker checks after each step, and
+the workers agree on the step to checkpoint. A second signal to the launcher is forwarded, for
+workers that cannot finish their step.
 """
 
 from __future__ import annotations
