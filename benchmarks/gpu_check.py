@@ -52,9 +52,11 @@ the pure-Python / cp312 dependencies come along as wheels:
    puts it on ``sys.path`` (no pip needed);
 4. ``python benchmarks/gpu_check.py --out gpu_check.json`` from the repository root.
 
-Through the device tool (repository root, files under $OUT come back):
-    run(command="python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json",
-        carry=["benchmarks/wheels"], timeout_s=560)
+Through the device tool (repository root, files under $OUT come back), after step 1:
+    run(command='for PY in python python3; do $PY -c "import torch" 2>/dev/null && break; done;
+                 $PY benchmarks/gpu_check.py --out $OUT/gpu_check.json',
+        carry=["benchmarks/wheels"], timeout_s=540)
+The script stops starting new work after ``--deadline-s`` (420 s) and then writes its files.
 """
 
 from __future__ import annotations
@@ -812,9 +814,16 @@ def main(argv: list[str] | None = None) -> int:
         p = import_project()
     except Exception as exc:  # without the project there is nothing to check
         data["device"] = device_info(plan, None)
-        data["section_errors"].append({"section": "import", "error": error_text(exc)})
+        problem = error_text(exc)
+        still = data["environment"]["dependencies"]["still_missing"]
+        if still:
+            problem += (
+                f"; missing {', '.join(still)}: run `bash benchmarks/gpu_wheels.sh` where pip can "
+                f"download and bring {args.wheels} along (device tool: carry=['benchmarks/wheels'])"
+            )
+        data["section_errors"].append({"section": "import", "error": problem})
         report.write()
-        log(f"cannot import the project: {error_text(exc)}")
+        log(f"cannot import the project: {problem}")
         return 1
     data["device"] = device_info(plan, p)
     env = environment(p)
