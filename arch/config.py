@@ -53,7 +53,7 @@ class MambaConfig:
     dt_rank: int | None = None  # rank of the dt projection; None: ceil(d_model / 16)
     dt_norms: bool = True  # Jamba's RMSNorms on dt/B/C after x_proj; false = vanilla Mamba-1
     conv_bias: bool = True
-    scan: str = "auto"  # auto | cpu | loop | cuda (see arch.selective_scan)
+    scan: str = "auto"  # auto | cpu | chunked | loop | cuda (see arch.selective_scan)
 
     def rank(self, d_model: int) -> int:
         """The dt projection's rank (Mamba's "auto" rule when dt_rank is None)."""
@@ -220,7 +220,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
     _validate_moe(cfg.moe)
 
 
-MAMBA_SCANS = ("auto", "cpu", "loop", "cuda")
+MAMBA_SCANS = ("auto", "cpu", "chunked", "loop", "cuda")
 
 
 def _validate_mamba(m: MambaConfig) -> None:

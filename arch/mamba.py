@@ -31,6 +31,7 @@ from arch.selective_scan import (
     scan_from_state,
     selective_scan,
 )
+from arch.selective_scan_chunked import scan_chunked
 
 # The original Mamba's dt initialisation: dt ~ logUniform[DT_MIN, DT_MAX], floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -140,7 +141,7 @@ class Mamba(nn.Module):
         The conv is a shift register over the last d_conv - 1 inputs; then per position
         dA = exp(delta A), state = dA state + delta B x, y = C.state + D x, gated by silu(z).
         A prompt (t > 1) runs the same recurrence position by position (t Python steps per
-        layer, the cost of the `cpu` scan's forward; no fused-kernel prefill).
+        layer; the `chunked` scan's forward when that is the back-end; no fused-kernel prefill).
         """
         b, t, _ = h.shape
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, t] each
@@ -161,13 +162,15 @@ class Mamba(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             delta = F.softplus(fp32_or_wider(delta) + fp32_or_wider(self.dt_proj.bias)[:, None])
             u = fp32_or_wider(x)
-            y, ssm = scan_from_state(
+            # A prompt with the chunked scan keeps no [b, d, t, N] decays; one token: the step.
+            chunked = t > 1 and resolve_backend(self.scan, h.device) == "chunked"
+            y, ssm = (scan_chunked if chunked else scan_from_state)(
                 u,
                 delta,
                 -torch.exp(fp32_or_wider(self.A_log)),
                 fp32_or_wider(B.transpose(1, 2)),
                 fp32_or_wider(C.transpose(1, 2)),
-                ssm,
+                state=ssm,
             )
             y = (y + u * fp32_or_wider(self.D)[:, None]) * F.silu(fp32_or_wider(z))
         out = self.out_proj(y.transpose(1, 2).to(h.dtype))

@@ -11,7 +11,9 @@ Back-ends:
 - ``loop``: the per-timestep reference recorded by autograd (as in HF's slow path); tests only,
   its backward is slow and its graph grows with l.
 - ``cpu``: `SelectiveScanFn`, the same loop run outside autograd with an explicit reverse-scan
-  backward; exact against ``loop`` (fp32) and ~10x faster fwd+bwd on CPU.
+  backward; exact against ``loop`` (fp32) and ~10x faster fwd+bwd on CPU. Stores every state.
+- ``chunked``: `arch.selective_scan_chunked`, the loop in cache-sized chunks that keeps only the
+  chunk-boundary states and recomputes each chunk in its backward; exact against ``loop``.
 - ``cuda``: `mamba_ssm`'s fused kernel, when it can be imported (a CUDA build).
 - ``auto``: ``cuda`` on CUDA tensors when `mamba_ssm` imports, else ``cpu``.
 """
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from arch.numerics import fp32_or_wider
+from arch.selective_scan_chunked import scan_chunked
 
 Kernel = Callable[..., torch.Tensor]
 
@@ -196,6 +199,8 @@ def selective_scan(
         y = scan_loop(u, delta, fp32_or_wider(A), fp32_or_wider(B), fp32_or_wider(C), keep)
     elif backend == "cpu":
         y = SelectiveScanFn.apply(u, delta, A, B, C, keep)
+    elif backend == "chunked":
+        y, _ = scan_chunked(u, delta, A, B, C, keep)
     else:
         raise ValueError(f"unknown selective-scan back-end {backend!r}")
     if D is not None:
