@@ -32,7 +32,10 @@ class StepResult:
 class TrainModule:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.model = build_model(cfg.model, seed=cfg.trainer.seed)
+        # The model lives where it trains (a GPU when there is one); the optimizer's state
+        # follows it. Checkpoints are written from CPU copies, so they load anywhere.
+        self.device = default_device()
+        self.model = build_model(cfg.model, seed=cfg.trainer.seed).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
@@ -65,15 +68,19 @@ class TrainModule:
         self.optimizer.load_state_dict(state)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        return batch_loss(self.model, batch, self.cfg.trainer.precision, self.eos_id)
+        return batch_loss(
+            self.model, batch.to(self.device), self.cfg.trainer.precision, self.eos_id
+        )
 
     def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepResult:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)  # a float64 model's loss stays float64
+        # float64: a float64 model's loss stays float64
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         metrics: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
+            batch = batch.to(self.device)
             lm, aux = train_loss(
                 self.model,
                 batch,
@@ -111,6 +118,15 @@ def post_optimizer_step(model: torch.nn.Module) -> None:
             hook()
 
 
+def default_device() -> torch.device:
+    """Where a one-process run trains: the current GPU when there is one, else the CPU."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
 def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
     """bf16 autocast (master weights stay fp32) or nothing for fp32."""
     if precision == "bf16":
@@ -136,7 +152,7 @@ def batch_loss(
 ) -> torch.Tensor:
     """Next-token loss of a [B, T + 1] batch of token ids."""
     kwargs, targets = model_inputs(batch, eos_id)
-    with autocast(precision):
+    with autocast(precision, batch.device.type):
         logits = model(**kwargs)
     return lm_loss(logits, targets)
 
@@ -157,7 +173,7 @@ def train_loss(
     """
     kwargs, targets = model_inputs(batch, eos_id)
     # What HybridLM.forward_with_aux does, around model(): also works through wrappers (DDP, ...).
-    with autocast(precision), recording(aux_counts, aux_counts) as recorder:
+    with autocast(precision, batch.device.type), recording(aux_counts, aux_counts) as recorder:
         logits = model(**kwargs)
     aux = recorder.losses
     step_metrics = {**recorder.metrics, **{name: value.detach() for name, value in aux.items()}}
@@ -188,8 +204,9 @@ def evaluate_loss(
     """Mean loss over held-out samples [N, T + 1], in micro-batches."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total = sum(
-        batch_loss(model, chunk, precision, eos_id).item() * len(chunk)
+        batch_loss(model, chunk.to(device), precision, eos_id).item() * len(chunk)
         for chunk in samples.split(micro_batch_size)
     )
     model.train(was_training)
