@@ -16,6 +16,9 @@ from arch import load_pretrained
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import verify_checkpoint
 
+# A checkpoint resumed under another layout trains steps 3-4 with other reduction orders:
+# measured <= 9.3e-8 relative in the losses (1 and 2 threads, ATen default kernels with
+# MKL_CBWR=COMPATIBLE), so 1e-5 leaves > 100x.
 TOLERANCE = 1e-5
 # A hybrid that TP=2 can split (heads, kv heads, Mamba d_inner, MoE experts), PP=2 cuts at `|`,
 # and Hugging Face's Jamba can express (mixer / FFN pairs, no RoPE, plain residual).
