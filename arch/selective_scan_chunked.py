@@ -30,12 +30,36 @@ A reset (k_t = 0) multiplies the decay by 0, exactly as `scan_loop`; k must be 0
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 # Elements of one [Q, b, N, d] chunk tensor: 2^18 fp32 = 1 MiB, so the ~5 live chunk tensors of the
 # backward stay in L2 + L3 (b4 d256 N16: Q = 16, fastest of Q = 4..64 at l = 1024 and 4096 on CPU).
 CHUNK_ELEMENTS = 2**18
 MIN_CHUNK, MAX_CHUNK = 4, 256
+
+
+# Intra-op threads: one per this many state elements of a step ([b, N, d]), at most torch's setting.
+# The scan issues ~30 mid-sized ops per chunk; with 2 threads on a shared 2-core machine each op's
+# thread hand-off cost more than it saved (b4 d256 N16, l = 4096: 3.6 s with 2 threads, 0.95 s
+# with 1), so small states run single-threaded.
+ELEMENTS_PER_THREAD = 2**16
+
+
+@contextlib.contextmanager
+def _intra_op_threads(state_elements: int) -> Iterator[None]:
+    """torch's intra-op threads limited to one per `ELEMENTS_PER_THREAD`, restored on exit."""
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, state_elements // ELEMENTS_PER_THREAD))
+    if wanted != before:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if wanted != before:
+            torch.set_num_threads(before)
 
 
 def default_chunk_size(batch: int, d_inner: int, d_state: int) -> int:
@@ -51,15 +75,18 @@ def _chunk_states(
     a: torch.Tensor,
     b: torch.Tensor,
     keep: torch.Tensor | None,
+    out: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states h_1..h_Q [Q, b, N, d], decays [Q, b, N, d]) of one chunk entered with h0 [b, N, d].
+    """(states h_1..h_Q, decays), both [Q, b, N, d], of one chunk entered with h0 [b, N, d],
+    written into the buffers ``out``.
 
     dt, dtu = dt * u: [Q, b, d]; a: [N, d]; b: [Q, b, N]; keep: [Q, b, 1, 1] or None.
     """
-    decay = torch.exp(dt.unsqueeze(2) * a)
+    h, decay = (buf[: dt.shape[0]] for buf in out)
+    torch.mul(dt.unsqueeze(2), a, out=decay).exp_()
     if keep is not None:
-        decay = decay * keep
-    h = dtu.unsqueeze(2) * b.unsqueeze(-1)  # the drive, scanned in place
+        decay.mul_(keep)
+    torch.mul(dtu.unsqueeze(2), b.unsqueeze(-1), out=h)  # the drive, scanned in place
     h[0].addcmul_(decay[0], h0)
     for t in range(1, h.shape[0]):
         h[t].addcmul_(decay[t], h[t - 1])
@@ -72,68 +99,99 @@ def _rowdot(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return (x.unsqueeze(-2) @ h.transpose(-1, -2)).squeeze(-2)
 
 
-class ChunkedScanFn(torch.autograd.Function):
-    """The recurrence from ``h0`` in chunks of ``chunk`` steps, time-major; (y [l, b, d], h_l).
+def _buffers(like: torch.Tensor, chunk: int, count: int) -> list[torch.Tensor]:
+    """``count`` [chunk, b, N, d] work buffers, reused by every chunk: a fresh 1 MiB tensor per op
+    costs its page faults again (measured 4x the time of exp into a reused buffer)."""
+    return [like.new_empty(chunk, *like.shape) for _ in range(count)]
 
-    Inputs: u, dt [l, b, d]; a [N, d]; b, c [l, b, N]; keep [l, b, 1, 1] or None; h0 [b, N, d]
-    (all one float dtype, fp32 or wider). The state is laid out [.., N, d] with d innermost, so the
-    sums over N (read-out, gradients) add contiguous rows. Saves the inputs and the l/Q
-    chunk-entering states.
+
+def _time_major(x: torch.Tensor, part: slice) -> torch.Tensor:
+    """The chunk ``part`` of x [b, ..., l] as a contiguous [Q, b, ...] (a cache-sized copy)."""
+    x = x[..., part]
+    return x.permute(x.dim() - 1, *range(x.dim() - 1)).contiguous()
+
+
+def _keep(keep: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    return None if keep is None else _time_major(keep, part)[:, :, None, None]
+
+
+class ChunkedScanFn(torch.autograd.Function):
+    """The recurrence from ``h0`` in chunks of ``chunk`` steps; (y [b, d, l], h_l [b, N, d]).
+
+    Inputs: u, dt [b, d, l]; a [N, d]; b, c [b, N, l]; keep [b, l] or None; h0 [b, N, d] (all one
+    float dtype, fp32 or wider). Each chunk is computed time-major, with the state laid out
+    [Q, b, N, d] (d innermost, so the sums over N add contiguous rows); only chunk-sized slices
+    are transposed, never the whole sequence. Saves the inputs and the l/Q chunk-entering states.
     """
 
     @staticmethod
     def forward(ctx, u, dt, a, b, c, keep, h0, chunk):  # noqa: ANN001 (autograd.Function)
-        length = u.shape[0]
-        dtu = dt * u
+        with _intra_op_threads(h0.numel()):
+            return ChunkedScanFn._forward(ctx, u, dt, a, b, c, keep, h0, chunk)
+
+    @staticmethod
+    def _forward(ctx, u, dt, a, b, c, keep, h0, chunk):  # noqa: ANN001, ANN205
+        length = u.shape[-1]
         y = u.new_empty(u.shape)
+        buffers = _buffers(h0, min(chunk, length), 2)
         entering = []
         h = h0
         for start in range(0, length, chunk):
             part = slice(start, start + chunk)
             entering.append(h)
-            kp = None if keep is None else keep[part]
-            hs, _ = _chunk_states(h, dt[part], dtu[part], a, b[part], kp)
-            y[part] = (c[part].unsqueeze(-2) @ hs).squeeze(-2)  # sum_n C_t[n] h_t[n, d]
-            h = hs[-1].clone()  # not a view: the chunk's [Q, b, N, d] buffer is freed
+            dt_c = _time_major(dt, part)
+            dtu_c = dt_c * _time_major(u, part)
+            hs, _ = _chunk_states(
+                h, dt_c, dtu_c, a, _time_major(b, part), _keep(keep, part), buffers
+            )
+            y_c = (_time_major(c, part).unsqueeze(-2) @ hs).squeeze(-2)  # sum_n C_t[n] h_t[n, d]
+            y[..., part] = y_c.permute(1, 2, 0)
+            h = hs[-1].clone()  # the buffer is overwritten by the next chunk
         ctx.save_for_backward(u, dt, a, b, c, keep, torch.stack(entering))
         ctx.chunk = chunk
         return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):  # noqa: ANN001
+        with _intra_op_threads(ctx.saved_tensors[-1][0].numel()):
+            return ChunkedScanFn._backward(ctx, grad_y, grad_h_last)
+
+    @staticmethod
+    def _backward(ctx, grad_y, grad_h_last):  # noqa: ANN001, ANN205
         u, dt, a, b, c, keep, entering = ctx.saved_tensors
-        chunk, length = ctx.chunk, u.shape[0]
-        dtu = dt * u
+        chunk, length = ctx.chunk, u.shape[-1]
         grad_u, grad_dt = torch.empty_like(u), torch.empty_like(dt)
         grad_b, grad_c = torch.empty_like(b), torch.empty_like(c)
         grad_a = torch.zeros_like(a)
         gy = torch.zeros_like(u) if grad_y is None else grad_y
         # dL/dh at the end of the chunk being processed, from everything after it.
         carry = torch.zeros_like(entering[0]) if grad_h_last is None else grad_h_last
+        buffers = _buffers(entering[0], min(chunk, length), 4)
         starts = range(0, length, chunk)
         for index in reversed(range(len(starts))):
             part = slice(starts[index], starts[index] + chunk)
             h0 = entering[index]
-            kp = None if keep is None else keep[part]
-            hs, decay = _chunk_states(h0, dt[part], dtu[part], a, b[part], kp)
-            grad_c[part] = _rowdot(gy[part], hs)
-            g = gy[part].unsqueeze(2) * c[part].unsqueeze(-1)  # direct dL/dh_t, then adjoint
+            dt_c, u_c, b_c, gy_c = (_time_major(x, part) for x in (dt, u, b, gy))
+            dtu_c = dt_c * u_c
+            hs, decay = _chunk_states(h0, dt_c, dtu_c, a, b_c, _keep(keep, part), buffers[:2])
+            g, work = (buf[: hs.shape[0]] for buf in buffers[2:])
+            grad_c[..., part] = _rowdot(gy_c, hs).permute(1, 2, 0)
+            torch.mul(gy_c.unsqueeze(2), _time_major(c, part).unsqueeze(-1), out=g)  # direct
             g[-1] += carry
-            for t in range(g.shape[0] - 2, -1, -1):
+            for t in range(g.shape[0] - 2, -1, -1):  # ... plus what flows back through h_{t+1}
                 g[t].addcmul_(decay[t + 1], g[t + 1])
             carry = g[0] * decay[0]
-            # dL/d(dt_t a) = g_t h_{t-1} decay_t; h_{t-1} is h0 for the chunk's first step.
-            g_exponent = g * decay
+            # dL/d(dt_t a) = g_t h_{t-1} decay_t, in place of the decays; h_{t-1} is h0 first.
+            g_exponent = decay.mul_(g)
             g_exponent[0] *= h0
             g_exponent[1:] *= hs[:-1]
-            del hs, decay
-            grad_dt[part] = (g_exponent * a).sum(2)
-            grad_a += (g_exponent * dt[part].unsqueeze(2)).sum((0, 1))
+            grad_dt_c = torch.mul(g_exponent, a, out=work).sum(2)
+            grad_a += torch.mul(g_exponent, dt_c.unsqueeze(2), out=work).sum((0, 1))
             # Through the drive dt u B.
-            g_b = (b[part].unsqueeze(-2) @ g).squeeze(-2)  # sum_n B_t[n] g_t[n, d]: [Q, b, d]
-            grad_dt[part] += u[part] * g_b
-            grad_u[part] = dt[part] * g_b
-            grad_b[part] = _rowdot(dtu[part], g)
+            g_b = (b_c.unsqueeze(-2) @ g).squeeze(-2)  # sum_n B_t[n] g_t[n, d]: [Q, b, d]
+            grad_dt[..., part] = grad_dt_c.addcmul_(u_c, g_b).permute(1, 2, 0)
+            grad_u[..., part] = (dt_c * g_b).permute(1, 2, 0)
+            grad_b[..., part] = _rowdot(dtu_c, g).permute(1, 2, 0)
         return grad_u, grad_dt, grad_a, grad_b, grad_c, None, carry, None
 
 
@@ -167,12 +225,9 @@ def scan_chunked(
     chunk = chunk_size or default_chunk_size(bsz, d, n)
     with torch.autocast(device_type=u.device.type, enabled=False):
         dtype = _common_dtype(u, delta, A, B, C)
-        u_t = u.to(dtype).permute(2, 0, 1).contiguous()  # [l, b, d]
-        dt_t = delta.to(dtype).permute(2, 0, 1).contiguous()
-        b_t = B.to(dtype).permute(2, 0, 1).contiguous()  # [l, b, N]
-        c_t = C.to(dtype).permute(2, 0, 1).contiguous()
-        keep_t = None if keep is None else keep.to(dtype).t()[:, :, None, None].contiguous()
+        u, delta, B, C = (x.to(dtype).contiguous() for x in (u, delta, B, C))
+        keep = None if keep is None else keep.to(dtype).contiguous()
         a_t = A.to(dtype).t().contiguous()  # [N, d]
-        h0 = u_t.new_zeros(bsz, n, d) if state is None else state.to(dtype).transpose(1, 2)
-        y, last = ChunkedScanFn.apply(u_t, dt_t, a_t, b_t, c_t, keep_t, h0.contiguous(), chunk)
-    return y.permute(1, 2, 0), last.transpose(1, 2)
+        h0 = u.new_zeros(bsz, n, d) if state is None else state.to(dtype).transpose(1, 2)
+        y, last = ChunkedScanFn.apply(u, delta, a_t, B, C, keep, h0.contiguous(), chunk)
+    return y, last.transpose(1, 2)

@@ -1,23 +1,37 @@
-"""Mamba-1 selective scan on CPU: the custom-backward `cpu` scan vs the autograd-recorded loop.
+"""Mamba-1 selective scan on CPU: fwd+bwd time and peak memory of the scan back-ends.
 
-    .venv/bin/python benchmarks/bench_mamba_scan.py [--seq-len 256 512] [--repeats 3]
+    .venv/bin/python benchmarks/bench_mamba_scan.py [--seq-len 256 1024 4096]
+        [--backends cpu chunked] [--repeats 3] [--memory-seq-len 4096]
 
 Forward + backward of `arch.selective_scan.selective_scan` (softplus, D skip and gate included)
-on the same inputs, interleaved in one process, so the ratio is meaningful on a noisy machine;
-the absolute times are not. Prints a JSON line per sequence length. The loop's cost grows
-faster than linearly with the length (its autograd graph has one node group per step): at 1024
-it takes tens of seconds per repeat here.
+on the same inputs, back-ends interleaved in one process, so the ratios are meaningful on a noisy
+machine; the absolute times are not. Prints a JSON line per sequence length (best of
+``--repeats`` wall times, and each back-end's speed-up over the first one), then one per back-end
+with the peak memory of one fwd+bwd at ``--memory-seq-len``.
+
+Peak memory: tracemalloc sees only Python's allocator and torch.cuda's counters exist only on
+CUDA, so each case runs in a fresh subprocess (nothing cached by an earlier case) that builds the
+inputs, resets the kernel's peak-RSS mark, runs one fwd+bwd and reports how far the peak resident
+set (VmHWM) rose above the RSS before it: what the scan and its backward held at their peak
+(the inputs' gradients included, the same for every back-end). Linux only. The `loop` back-end (``--backends loop``) is the autograd-recorded
+reference: tens of seconds per repeat at 1024.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from arch.selective_scan import selective_scan
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_inputs(b: int, d: int, length: int, n: int) -> list[torch.Tensor]:
@@ -35,44 +49,81 @@ def fwd_bwd(backend: str, inputs: list[torch.Tensor]) -> tuple[float, list[torch
     return time.perf_counter() - start, [t.grad for t in leaves]
 
 
+def max_rel_diff(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(
+        ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, reference, strict=True)
+    )
+
+
+def time_backends(args: argparse.Namespace, length: int) -> dict:
+    """Best-of-repeats fwd+bwd wall time per back-end, interleaved, and the gradients' agreement."""
+    inputs = make_inputs(args.batch, args.d_inner, length, args.d_state)
+    best = dict.fromkeys(args.backends, float("inf"))
+    err = 0.0
+    for _ in range(args.repeats):
+        grads = {}
+        for backend in args.backends:
+            seconds, grads[backend] = fwd_bwd(backend, inputs)
+            best[backend] = min(best[backend], seconds)
+        first = grads[args.backends[0]]
+        err = max([err] + [max_rel_diff(g, first) for g in grads.values()])
+    base = args.backends[0]
+    row = {"seq_len": length, **{f"{k}_ms": round(v * 1e3, 1) for k, v in best.items()}}
+    row |= {f"speedup_{k}_over_{base}": round(best[base] / best[k], 2) for k in args.backends[1:]}
+    return row | {"max_rel_grad_diff": float(f"{err:.2e}")}
+
+
+def _status_kib(key: str) -> int:
+    """VmRSS (resident now) or VmHWM (its peak) of this process, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def peak_memory_case(backend: str, args: argparse.Namespace) -> None:
+    """(In the fresh subprocess.) One fwd+bwd; prints how far the peak RSS rose above the RSS
+    before it, in MiB. The peak is reset first (writing 5 to /proc/self/clear_refs): a plain
+    ru_maxrss still holds the transient peak of importing torch, which hid a small scan's peak."""
+    inputs = make_inputs(args.batch, args.d_inner, args.memory_seq_len, args.d_state)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fwd_bwd(backend, inputs)
+    print(json.dumps({"peak_rss_rise_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}))
+
+
+def peak_memory(backend: str, args: argparse.Namespace) -> float:
+    command = [sys.executable, __file__, "--memory-case", backend]
+    command += ["--batch", str(args.batch), "--d-inner", str(args.d_inner)]
+    command += ["--d-state", str(args.d_state), "--memory-seq-len", str(args.memory_seq_len)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_rss_rise_mib"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--backends", nargs="+", default=["cpu", "chunked"])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--d-inner", type=int, default=128)
+    parser.add_argument("--d-inner", type=int, default=256)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--memory-seq-len", type=int, default=4096, help="0: skip")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)  # the subprocess's back-end
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.memory_case:
+        peak_memory_case(args.memory_case, args)
+        return
+    shape = {"batch": args.batch, "d_inner": args.d_inner, "d_state": args.d_state}
+    machine = {"threads": torch.get_num_threads(), "load_avg_1min": round(os.getloadavg()[0], 2)}
     for length in args.seq_len:
-        inputs = make_inputs(args.batch, args.d_inner, length, args.d_state)
-        best = {"cpu": float("inf"), "loop": float("inf")}
-        for _ in range(args.repeats):
-            for backend in best:
-                seconds, grads = fwd_bwd(backend, inputs)
-                best[backend] = min(best[backend], seconds)
-                if backend == "cpu":
-                    cpu_grads = grads
-                else:  # same inputs, same answer: the comparison is of equals
-                    err = max(
-                        ((a - b).abs().max() / b.abs().max()).item()
-                        for a, b in zip(cpu_grads, grads, strict=True)
-                    )
-        print(
-            json.dumps(
-                {
-                    "seq_len": length,
-                    "batch": args.batch,
-                    "d_inner": args.d_inner,
-                    "d_state": args.d_state,
-                    "cpu_scan_ms": round(best["cpu"] * 1e3, 1),
-                    "loop_ms": round(best["loop"] * 1e3, 1),
-                    "speedup_cpu_over_loop": round(best["loop"] / best["cpu"], 2),
-                    "max_rel_grad_diff": float(f"{err:.2e}"),
-                    "threads": torch.get_num_threads(),
-                }
-            )
-        )
+        print(json.dumps(time_backends(args, length) | shape | machine), flush=True)
+    if args.memory_seq_len:
+        for backend in args.backends:
+            mib = peak_memory(backend, args)
+            row = {"backend": backend, "seq_len": args.memory_seq_len, "peak_rss_rise_mib": mib}
+            print(json.dumps(row | shape), flush=True)
 
 
 if __name__ == "__main__":
