@@ -14,7 +14,7 @@ Back-ends:
   backward; exact against ``loop`` (fp32) and ~10x faster fwd+bwd on CPU. Stores every state.
 - ``chunked``: `arch.selective_scan_chunked`, the loop in cache-sized chunks that keeps only the
   chunk-boundary states and recomputes each chunk in its backward; exact against ``loop``,
-  2.9-5x faster than ``cpu`` fwd+bwd on CPU with ~8x less peak memory at l = 4096
+  2.7-5x faster than ``cpu`` fwd+bwd on CPU with ~7.6x less peak memory at l = 4096
   (benchmarks/RESULTS.md).
 - ``cuda``: `mamba_ssm`'s fused kernel, when it can be imported (a CUDA build).
 - ``auto``: ``cuda`` on CUDA tensors when `mamba_ssm` imports, ``chunked`` on CPU, else ``cpu``
@@ -53,7 +53,7 @@ def resolve_backend(name: str, device: torch.device) -> str:
     """The back-end that ``name`` means for tensors on ``device``.
 
     ``auto``: the fused kernel on CUDA when `mamba_ssm` imports; ``chunked`` on CPU, where it was
-    faster than ``cpu`` at every measured length (2.9-5x at l = 256..4096) with ~8x less memory;
+    faster than ``cpu`` at every measured length (2.7-5x at l = 256..4096) with ~7.6x less memory;
     ``cpu`` on CUDA without the kernel. There (not measured: no GPU here) both loop per step in
     Python and are bound by kernel launches, and ``chunked`` launches more (a third per-step loop,
     the forward's recomputation, plus ~35 launches per chunk), so it is the explicit choice
