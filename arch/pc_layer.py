@@ -28,6 +28,7 @@ from torch import nn
 
 from arch.config import PreconditionerConfig
 from arch.layers_registry import PRECONDITIONERS
+from arch.numerics import fp32_or_wider
 from arch.options import resolve_options
 from arch.registry import ConfigError
 
@@ -67,10 +68,6 @@ def power_iteration(W: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iteration
         a = F.normalize(W @ b, dim=0)
     u.copy_(a)
     v.copy_(b)
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class PCLinear(nn.Module):
@@ -118,14 +115,14 @@ class PCLinear(nn.Module):
 
     def sigma(self) -> torch.Tensor:
         """uᵀ W v + eps: the power-iteration estimate of W's top singular value (with grad)."""
-        W = _fp32(self.lin.weight)
+        W = fp32_or_wider(self.lin.weight)
         return self.u.to(W.dtype) @ W @ self.v.to(W.dtype) + self.eps
 
     def effective_weight(self) -> torch.Tensor:
         W = self.lin.weight
         with torch.autocast(W.device.type, enabled=False):
             sigma = self.sigma()
-            P = pc_polynomial(_fp32(W) / sigma, self.coeffs)
+            P = pc_polynomial(fp32_or_wider(W) / sigma, self.coeffs)
             return (self.gamma.to(P.dtype) * sigma.detach() * P).to(W.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +131,9 @@ class PCLinear(nn.Module):
     @torch.no_grad()
     def post_optimizer_step(self, iterations: int | None = None) -> None:
         """Refine (u, v) by ``power_iter`` power iterations warm-started from the stored ones."""
-        power_iteration(_fp32(self.lin.weight), self.u, self.v, iterations or self.power_iter)
+        power_iteration(
+            fp32_or_wider(self.lin.weight), self.u, self.v, iterations or self.power_iter
+        )
 
     def post_init_weights(self) -> None:
         """After the model's (re-)initialisation: the first, cold power iteration, before step 0.

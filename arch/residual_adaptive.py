@@ -23,14 +23,11 @@ from __future__ import annotations
 import torch
 
 from arch.layers_registry import RESIDUALS
+from arch.numerics import fp32_or_wider
 from arch.residual import Oracle, State
 from arch.residual_momentum import POS, UNIT, StreamResidual, make_norm
 
 NS5_COEFFS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic Newton-Schulz coefficients
-
-
-def _fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def ns5(y: torch.Tensor, n_heads: int, steps: int = 5) -> torch.Tensor:
@@ -41,7 +38,7 @@ def ns5(y: torch.Tensor, n_heads: int, steps: int = 5) -> torch.Tensor:
     """
     a, b, c = NS5_COEFFS
     with torch.autocast(y.device.type, enabled=False):
-        Y = _fp32(y).unflatten(-1, (n_heads, -1))
+        Y = fp32_or_wider(y).unflatten(-1, (n_heads, -1))
         tall = Y.shape[-2] > Y.shape[-1]
         if tall:  # the Gram of the short side is the cheaper one
             Y = Y.mT
@@ -59,7 +56,7 @@ def newton_inv_sqrt(R: torch.Tensor, steps: int = 10, damping: float = 1e-6) -> 
     ``R~ = (R + damping I) / ||R + damping I||_F``, ``X0 = I``, ``X <- X (3I - X R~ X) / 2``,
     result ``X / sqrt(||R + damping I||_F)``."""
     with torch.autocast(R.device.type, enabled=False):
-        R = _fp32(R)
+        R = fp32_or_wider(R)
         eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
         Rd = R + damping * eye
         norm = Rd.norm(dim=(-2, -1), keepdim=True)
@@ -188,7 +185,7 @@ class RightShampooResidual(UpdateNormResidual):
 
     def precondition(self, state: State, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (G as [..., heads, head_dim], the new R)."""
-        G = _fp32(g).unflatten(-1, (self.n_heads, -1))
+        G = fp32_or_wider(g).unflatten(-1, (self.n_heads, -1))
         b_r = self.value("beta_r")
         R = b_r * state["r"] + (1 - b_r) * (G.mT @ G)
         return G, R

@@ -52,7 +52,7 @@ from torch import nn
 from arch.config import ModelConfig
 from arch.model import HybridLM, lm_loss
 from arch.numerics import fp32_or_wider
-from arch.pc_layer import PCLinear, _fp32, pc_polynomial, power_iteration
+from arch.pc_layer import PCLinear, pc_polynomial, power_iteration
 from arch.registry import ConfigError
 
 # Plugins with a TP recipe here (others cannot be split and are refused by check_tensor_parallel).
@@ -354,7 +354,7 @@ class TPPCLinear(nn.Module):
         """The full W_eff (identical on every rank)."""
         W = self.full_weight()
         with torch.autocast(W.device.type, enabled=False):
-            Wf = _fp32(W)
+            Wf = fp32_or_wider(W)
             sigma = self.u.to(Wf.dtype) @ Wf @ self.v.to(Wf.dtype) + self.eps
             P = pc_polynomial(Wf / sigma, self.coeffs)
             return (self.gamma.to(P.dtype) * sigma.detach() * P).to(W.dtype)
@@ -373,7 +373,7 @@ class TPPCLinear(nn.Module):
     @torch.no_grad()
     def post_optimizer_step(self, iterations: int | None = None) -> None:
         """PCLinear's warm-started power iteration, on the gathered full W."""
-        W = _fp32(_gather_full(self.lin.weight, self.layout))
+        W = fp32_or_wider(_gather_full(self.lin.weight, self.layout))
         power_iteration(W, self.u, self.v, iterations or self.power_iter)
 
     def extra_repr(self) -> str:
