@@ -152,7 +152,8 @@ class HybridLM(nn.Module):
         Training adds the losses to the LM loss; ``metrics``, if given, receives detached
         diagnostics (e.g. each MoE sub-layer's expert loads). See `arch.aux_losses`.
         """
-        with recording(aux_loss_counts(self.cfg), aux_loss_counts(self.cfg)) as recorder:
+        counts = aux_loss_counts(self.cfg)  # one process: every report is seen here
+        with recording(counts, counts) as recorder:
             logits = self(input_ids)
         if metrics is not None:
             metrics.update(recorder.metrics)
