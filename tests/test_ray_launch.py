@@ -62,8 +62,9 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     found = []
     for conn in psutil.net_connections(kind="inet"):
         if conn.status == psutil.CONN_LISTEN and conn.pid in tree:
-            try:
-                name = " ".join(tree[conn.pid].cmdline())[:80] or tree[conn.pid].name()
+            try:  # the executable's name first: a deep checkout path must not cut it off
+                proc = tree[conn.pid]
+                name = f"{proc.name()}: {' '.join(proc.cmdline())[:80]}"
             except psutil.Error:
                 name = "?"
             found.append((conn.laddr.ip, conn.laddr.port, name))
