@@ -97,20 +97,28 @@ def _dataset(
 ) -> TokenDataset:
     sources = cfg.resolved_sources()
     total = sum(s.weight for s in sources)
-    streams = []
     for source in sources:
-        local = Path(source.path) / split
-        remote = f"{source.remote.rstrip('/')}/{split}" if source.remote else None
-        if remote is None:
-            verify_split(local)
-        proportion = source.weight / total if len(sources) > 1 else None
-        streams.append(Stream(local=str(local), remote=remote, proportion=proportion))
+        if not source.remote:
+            verify_split(Path(source.path) / split)
+
+    def streams() -> list[Stream]:
+        # New Stream objects for every attempt: a failed StreamingDataset has already written
+        # its sampling choice into the ones it was given, and a second dataset refuses them.
+        return [
+            Stream(
+                local=str(Path(s.path) / split),
+                remote=f"{s.remote.rstrip('/')}/{split}" if s.remote else None,
+                proportion=s.weight / total if len(sources) > 1 else None,
+            )
+            for s in sources
+        ]
+
     shm.clean_stale()
     try:
         for attempt in range(5):
             try:
                 dataset = TokenDataset(
-                    streams=streams,
+                    streams=streams(),
                     shuffle=shuffle,
                     shuffle_seed=cfg.shuffle_seed,
                     batch_size=batch_size,

@@ -269,6 +269,31 @@ def test_batches_are_int64_and_unshuffled_start_at_the_first_samples(data, expec
     assert torch.equal(batch, expected["train"][:4])
 
 
+def test_a_lost_shared_memory_race_is_retried_with_fresh_streams(data, expected, monkeypatch):
+    """Two processes opening shards at once can pick the same shared-memory prefix; the loser
+    gets FileExistsError and retries. The first attempt here really builds a StreamingDataset
+    (which writes its sampling choice into the streams it was given) and then loses the race:
+    the retry must still open the split (it once failed with "Streams must provide at most one
+    of proportion, repeat, or choose")."""
+    import data_pipeline.loader as loader_module
+
+    real = loader_module.TokenDataset
+    attempts = []
+
+    def lose_the_first_race(*args, **kwargs):
+        attempts.append(kwargs["streams"])
+        dataset = real(*args, **kwargs)
+        if len(attempts) == 1:
+            del dataset
+            raise FileExistsError("[Errno 17] File exists: '/000000_locals'")
+        return dataset
+
+    monkeypatch.setattr(loader_module, "TokenDataset", lose_the_first_race)
+    loader = build_train_loader(DataConfig(path=str(data), shuffle=False), 4)
+    assert len(attempts) == 2 and attempts[0][0] is not attempts[1][0]
+    assert torch.equal(next(iter(loader)), expected["train"][:4])
+
+
 def divisor(n: int) -> int:
     return next((b for b in range(3, 9) if n % b == 0), 1)
 
