@@ -25,6 +25,7 @@ from arch.tensor_parallel_plan import (
 )
 
 VOCAB_PARALLEL = {"embed.weight": COLUMN_PARALLEL, "head.weight": COLUMN_PARALLEL}
+PLANNED_KINDS = ("mixer", "ffn", "residual", "preconditioner")  # the kinds that declare plans
 
 
 def _plan(plugin: object, cfg: ModelConfig) -> TensorParallelPlan:
@@ -112,3 +113,13 @@ def merge_shards(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> tor
     if split is None or len(shards) == 1 or shards[0].dim() <= split.dim:
         return shards[0]
     return merge_tensors(list(shards), split)
+
+
+def tensor_parallel_note(kind: str, plugin: object) -> str:
+    """What `registry list` adds to a model plugin's line: its forward's collectives under
+    tensor parallelism (sizes from the default config), or that it has no plan."""
+    if kind not in PLANNED_KINDS:
+        return ""
+    if not has_plan(plugin):
+        return "  [tp: no plan, tensor-parallel size 1 only]"
+    return f"  [tp: {plugin.tensor_parallel_plan(ModelConfig()).collectives}]"
