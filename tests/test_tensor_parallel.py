@@ -217,7 +217,7 @@ def test_two_ranks_match_the_dense_model(tmp_path):
         # The worker runs both models in float64 (in fp32 these bounds had 2-5x margins and the
         # buffers' 1e-4 failed under MKL_CBWR=COMPATIBLE). float64, worst over OMP 1/2 threads,
         # default/avx2/avx512 kernels and MKL_CBWR=COMPATIBLE: loss 9.3e-8 relative, grads 4.6e-8
-        # (fp32-sized: parallel_cross_entropy returns fp32 for float64 logits, whose gathered
+        # (fp32-sized: the context's cross_entropy returns fp32 for float64 logits, whose gathered
         # values match the dense ones to 3e-16), params after AdamW's sign-like first step 1.0e-5,
         # PC buffers 1.4e-6; each bound below leaves >= 19x.
         for dense_loss, tp_loss, rel in res["losses"]:  # before and after one AdamW step
