@@ -131,8 +131,7 @@ class PCLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """This rank's slice of the effective weight (what the layer multiplies by)."""
-        w = self.effective_weight()
-        return self.tp.shard(self.tp.copy_to_region(w), self.split) if self.tp.size > 1 else w
+        return self.tp.shard(self.tp.copy_to_region(self.effective_weight()), self.split)
 
     def full_weight(self) -> torch.Tensor:
         """The raw W, gathered from every rank under TP."""
