@@ -21,8 +21,14 @@ from arch.config import AttentionConfig, ModelConfig
 from arch.documents import attention_mask
 from arch.layers_registry import ATTENTION, MIXERS
 from arch.numerics import fp32_or_wider
-from arch.preconditioner import make_linear
 from arch.rope import apply_rope, rope_cos_sin
+from arch.tensor_parallel_plan import (
+    COLUMN_PARALLEL,
+    DENSE,
+    ROW_PARALLEL,
+    TensorParallel,
+    TensorParallelPlan,
+)
 
 
 @dataclass(frozen=True)
@@ -87,18 +93,44 @@ def eager_attention(
 
 @MIXERS.register("attention")
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query heads and optional RoPE."""
+    """Causal multi-head attention with grouped-query heads and optional RoPE.
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    Under tensor parallelism each rank holds a block of (kv) heads: ``n_heads`` and
+    ``n_kv_heads`` are the model's, the local counts come from the projections' shapes.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         self.cfg = cfg.attention
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.kernel = ATTENTION.get(cfg.attention.name)
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.wq = make_linear(cfg, cfg.d_model, cfg.d_model, "wq")
-        self.wk = make_linear(cfg, cfg.d_model, kv_dim, "wk")
-        self.wv = make_linear(cfg, cfg.d_model, kv_dim, "wv")
-        self.wo = make_linear(cfg, cfg.d_model, cfg.d_model, "wo")
+        d, kv_dim = cfg.d_model, self.n_kv_heads * self.head_dim
+        self.wq = tp.linear(cfg, d, d, "wq", COLUMN_PARALLEL)
+        self.wk = tp.linear(cfg, d, kv_dim, "wk", COLUMN_PARALLEL)
+        self.wv = tp.linear(cfg, d, kv_dim, "wv", COLUMN_PARALLEL)
+        self.wo = tp.linear(cfg, d, d, "wo", ROW_PARALLEL)
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Heads split: wq, wk, wv column-parallel, wo row-parallel (the kernels are per head)."""
+        return TensorParallelPlan(
+            splits={
+                "wq.weight": COLUMN_PARALLEL,
+                "wk.weight": COLUMN_PARALLEL,
+                "wv.weight": COLUMN_PARALLEL,
+                "wo.weight": ROW_PARALLEL,
+            },
+            divisible={"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads},
+            collectives="all-reduce of wo's output (and of the input's gradient)",
+        )
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [b, heads, t, head_dim] and k, v [b, kv heads, t, head_dim] (local heads)."""
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return q, k, v
 
     @property
     def supports_cache(self) -> bool:
@@ -107,9 +139,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._heads(x)
         if self.cfg.rope:
             cos, sin = rope_cos_sin(t, self.head_dim, self.cfg.rope_theta, x.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -132,9 +162,7 @@ class Attention(nn.Module):
         ``block_sparse`` keeps them all (its strided blocks reach arbitrarily far back).
         """
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self._heads(x)
         if self.cfg.rope:
             cos, sin = rope_cos_sin(
                 position + t, self.head_dim, self.cfg.rope_theta, x.device, q.dtype

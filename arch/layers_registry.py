@@ -2,6 +2,8 @@
 
 - ``mixer``: token mixer of a pattern sub-layer (``*`` attention, ``M`` mamba, ...). A class
   ``cls(cfg: ModelConfig, layer_index: int) -> nn.Module`` with ``forward(x) -> y``, x, y [B, T, D].
+  One that declares ``tensor_parallel_plan(cfg)`` is built as ``cls(cfg, layer_index, tp)``
+  in its local form (see ``arch.tensor_parallel_plan``); one without runs at tp = 1 only.
 - ``ffn``: channel mixer of a pattern sub-layer (``-`` mlp, ``E`` moe, ...); same signature.
 - ``attention``: an attention kernel ``fn(q, k, v, cfg: AttentionConfig) -> out`` on
   [B, heads, T, head_dim] tensors, k/v possibly with fewer (grouped) heads; causal.
@@ -9,8 +11,8 @@
   updates the residual-stream state.
 - ``activation``: an ``arch.mlp.Activation(fn, gated)`` used by the MLP and the MoE experts
   (``model.ffn_activation``); gated ones multiply ``fn(w1 x)`` by ``w3 x``.
-- ``preconditioner``: ``fn(linear: nn.Linear, cfg: PreconditionerConfig) -> nn.Module``, a
-  weight re-parameterisation wrapped around a projection.
+- ``preconditioner``: ``fn(linear, cfg: PreconditionerConfig, role, *, tp, split) -> nn.Module``,
+  a weight re-parameterisation wrapped around a projection (see ``arch.preconditioner``).
 """
 
 from __future__ import annotations

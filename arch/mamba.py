@@ -24,7 +24,6 @@ from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.numerics import fp32_or_wider
-from arch.preconditioner import make_linear
 from arch.selective_scan import (
     cuda_kernels,
     resolve_backend,
@@ -32,28 +31,49 @@ from arch.selective_scan import (
     selective_scan,
 )
 from arch.selective_scan_chunked import scan_chunked
+from arch.tensor_parallel_plan import (
+    COLUMN_PARALLEL,
+    DENSE,
+    ROW_PARALLEL,
+    Split,
+    TensorParallel,
+    TensorParallelPlan,
+)
 
 # The original Mamba's dt initialisation: dt ~ logUniform[DT_MIN, DT_MAX], floored at DT_FLOOR.
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
+def _in_proj_split(cfg: ModelConfig) -> Split:
+    """in_proj's rows [x; z], each cut by channel."""
+    d = cfg.mamba.expand * cfg.d_model
+    return Split(0, (d, d))
+
+
 @MIXERS.register("mamba")
 class Mamba(nn.Module):
-    """Mamba-1 selective-scan mixer with Jamba's dt/B/C RMSNorms (model.mamba)."""
+    """Mamba-1 selective-scan mixer with Jamba's dt/B/C RMSNorms (model.mamba).
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    Under tensor parallelism each rank holds a block of the d_inner channels (``d_inner`` is
+    the local width): dt, B and C, full after x_proj's reduction and the replicated norms, enter
+    the channel-split scan through ``tp.copy_to_region`` so their gradients sum over ranks.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         m = cfg.mamba
-        self.d_inner = m.expand * cfg.d_model
+        full = m.expand * cfg.d_model
+        self.tp = tp
+        self.d_inner = full // tp.size
         self.d_state = m.d_state
         self.dt_rank = m.rank(cfg.d_model)
         self.scan = m.scan
         if m.scan == "cuda":
             resolve_backend("cuda", torch.device("cuda"))  # fail at build time, not mid-run
         d, n, r = self.d_inner, self.d_state, self.dt_rank
-        self.in_proj = make_linear(cfg, cfg.d_model, 2 * d, "in_proj")
+        self.in_proj = tp.linear(cfg, cfg.d_model, 2 * full, "in_proj", _in_proj_split(cfg))
         self.conv1d = nn.Conv1d(d, d, m.d_conv, groups=d, padding=m.d_conv - 1, bias=m.conv_bias)
-        self.x_proj = make_linear(cfg, d, r + 2 * n, "x_proj")
+        self.x_proj = tp.linear(cfg, full, r + 2 * n, "x_proj", ROW_PARALLEL)
         # dt_proj keeps its bias (the softplus offset that sets dt's range), so it is a plain
         # Linear outside the preconditioner.
         self.dt_proj = nn.Linear(r, d, bias=True)
@@ -61,10 +81,36 @@ class Mamba(nn.Module):
         self.dt_layernorm, self.b_layernorm, self.c_layernorm = norm(r), norm(n), norm(n)
         self.A_log = nn.Parameter(torch.empty(d, n))
         self.D = nn.Parameter(torch.empty(d))
-        self.out_proj = make_linear(cfg, d, cfg.d_model, "out_proj")
+        self.out_proj = tp.linear(cfg, full, cfg.d_model, "out_proj", ROW_PARALLEL)
         for p in (self.A_log, self.D):
             p._no_weight_decay = True  # mamba_ssm's marker: decaying them pulls A, D to 0
         self.post_init_weights()
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Channels split: in_proj column over both halves [x; z]; conv1d, dt_proj, A_log, D by
+        channel; x_proj and out_proj row-parallel."""
+        d = cfg.mamba.expand * cfg.d_model
+        channels = ("conv1d.weight", "conv1d.bias", "dt_proj.weight", "dt_proj.bias", "A_log", "D")
+        return TensorParallelPlan(
+            splits={
+                "in_proj.weight": _in_proj_split(cfg),
+                "x_proj.weight": ROW_PARALLEL,
+                "out_proj.weight": ROW_PARALLEL,
+                **dict.fromkeys(channels, COLUMN_PARALLEL),
+            },
+            divisible={"model.mamba.expand": d},
+            collectives="all-reduce of x_proj's and out_proj's outputs; of dt, B, C's gradients",
+        )
+
+    def _dt_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dt, B, C [b, l, .] from the conv output x [b, d, l] (full on every rank)."""
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1
+        )
+        if self.dt_layernorm is not None:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        return self.tp.copy_to_region(dt), self.tp.copy_to_region(B), self.tp.copy_to_region(C)
 
     @torch.no_grad()
     def post_init_weights(self) -> None:
@@ -111,11 +157,7 @@ class Mamba(nn.Module):
         backend = resolve_backend(self.scan, h.device)
         x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
         x = self._conv(x, backend, doc_ids)
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        if self.dt_layernorm is not None:
-            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt, B, C = self._dt_b_c(x)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the softplus
         y = selective_scan(
             x,
@@ -153,11 +195,7 @@ class Mamba(nn.Module):
             conv, ssm = entry.conv.to(x.dtype), entry.ssm
         window = torch.cat([conv, x], dim=-1)  # [b, d, k - 1 + t]
         x = F.silu(F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1
-        )
-        if self.dt_layernorm is not None:
-            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        dt, B, C = self._dt_b_c(x)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)
         with torch.autocast(device_type=h.device.type, enabled=False):
             delta = F.softplus(fp32_or_wider(delta) + fp32_or_wider(self.dt_proj.bias)[:, None])

@@ -29,7 +29,14 @@ from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.numerics import fp32_or_wider
-from arch.preconditioner import make_linear
+from arch.tensor_parallel_plan import (
+    COLUMN_PARALLEL,
+    DENSE,
+    ROW_PARALLEL,
+    Split,
+    TensorParallel,
+    TensorParallelPlan,
+)
 
 # Mamba-2's initialisation ranges: dt ~ logUniform[DT_MIN, DT_MAX] floored, A ~ U[A_MIN, A_MAX].
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -149,32 +156,61 @@ class GatedRMSNorm(nn.Module):
         return self.weight * g.flatten(-2).to(y.dtype)
 
 
+def _sizes(cfg: ModelConfig) -> tuple[int, int, int]:
+    """The whole layer's d_inner, heads and n_groups * d_state."""
+    m = cfg.mamba2
+    d = m.expand * cfg.d_model
+    return d, d // m.head_dim, m.n_groups * m.d_state
+
+
 @MIXERS.register("mamba2")
 class Mamba2(nn.Module):
     """Mamba-2 (SSD) mixer: scalar decay per head, chunked matmul scan (model.mamba2)."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         m = cfg.mamba2
-        self.d_inner = m.expand * cfg.d_model
-        self.head_dim, self.d_state, self.n_groups = m.head_dim, m.d_state, m.n_groups
-        self.n_heads = self.d_inner // m.head_dim
+        d, heads, gn = _sizes(cfg)
+        # Local sizes: under tensor parallelism a rank holds a block of heads and of B/C groups.
+        self.d_inner = d // tp.size
+        self.head_dim, self.d_state, self.n_groups = m.head_dim, m.d_state, m.n_groups // tp.size
+        self.n_heads = heads // tp.size
         self.chunk_size = m.chunk_size
-        self.conv_dim = self.d_inner + 2 * m.n_groups * m.d_state
-        self.in_proj = make_linear(
-            cfg, cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, "in_proj"
-        )
+        self.conv_dim = self.d_inner + 2 * self.n_groups * m.d_state
+        in_proj = Split(0, (d, d, gn, gn, heads))  # rows [z, x, B, C, dt]
+        self.in_proj = tp.linear(cfg, cfg.d_model, sum(in_proj.parts), "in_proj", in_proj)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim, padding=m.d_conv - 1
         )
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_inner, m.n_groups, cfg.norm_eps)
-        self.out_proj = make_linear(cfg, self.d_inner, cfg.d_model, "out_proj")
+        self.norm = GatedRMSNorm(self.d_inner, self.n_groups, cfg.norm_eps)
+        self.out_proj = tp.linear(cfg, d, cfg.d_model, "out_proj", ROW_PARALLEL)
         for p in (self.A_log, self.D, self.dt_bias):
             p._no_weight_decay = True
         self.post_init_weights()
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Heads and B/C groups split: in_proj's [z, x, B, C, dt] parts and conv1d's [x, B, C]
+        column-parallel; dt_bias, A_log, D and the gated norm's weight by head; out_proj row."""
+        d, heads, gn = _sizes(cfg)
+        per_head = ("dt_bias", "A_log", "D", "norm.weight")
+        return TensorParallelPlan(
+            splits={
+                "in_proj.weight": Split(0, (d, d, gn, gn, heads)),  # rows [z, x, B, C, dt]
+                "conv1d.weight": Split(0, (d, gn, gn)),
+                "conv1d.bias": Split(0, (d, gn, gn)),
+                "out_proj.weight": ROW_PARALLEL,
+                **dict.fromkeys(per_head, COLUMN_PARALLEL),
+            },
+            divisible={
+                "model.mamba2.head_dim": heads,
+                "model.mamba2.n_groups": cfg.mamba2.n_groups,
+            },
+            collectives="all-reduce of out_proj's output (and of the input's gradient)",
+        )
 
     @torch.no_grad()
     def post_init_weights(self) -> None:

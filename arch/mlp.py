@@ -23,7 +23,15 @@ from torch import nn
 from arch.aux_losses import active_recorder
 from arch.config import ModelConfig
 from arch.layers_registry import ACTIVATIONS, FFNS
-from arch.preconditioner import make_linear
+from arch.tensor_parallel_plan import (
+    COLUMN_PARALLEL,
+    DENSE,
+    ROW_PARALLEL,
+    TensorParallel,
+    TensorParallelPlan,
+)
+
+MLP_SPLITS = {"w1.weight": COLUMN_PARALLEL, "w3.weight": COLUMN_PARALLEL, "w2.weight": ROW_PARALLEL}
 
 
 @dataclass(frozen=True)
@@ -52,14 +60,32 @@ ACTIVATIONS.add("relu2", Activation(_relu2, False, "squared ReLU (Primer), plain
 class MLP(nn.Module):
     """Gated (SwiGLU) or plain MLP per model.ffn_activation; hidden width model.ffn_hidden."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int, hidden: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        tp: TensorParallel = DENSE,
+        hidden: int | None = None,
+    ) -> None:
         super().__init__()
         hidden = cfg.ffn_hidden_size if hidden is None else hidden  # MoE experts pass theirs
         self.layer_index = layer_index
         self.activation: Activation = ACTIVATIONS.get(cfg.ffn_activation)
-        self.w1 = make_linear(cfg, cfg.d_model, hidden, "w1")
-        self.w3 = make_linear(cfg, cfg.d_model, hidden, "w3") if self.activation.gated else None
-        self.w2 = make_linear(cfg, hidden, cfg.d_model, "w2")
+        d = cfg.d_model
+        self.w1 = tp.linear(cfg, d, hidden, "w1", COLUMN_PARALLEL)
+        self.w3 = (
+            tp.linear(cfg, d, hidden, "w3", COLUMN_PARALLEL) if self.activation.gated else None
+        )
+        self.w2 = tp.linear(cfg, hidden, d, "w2", ROW_PARALLEL)
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Hidden units split: w1, w3 column-parallel, w2 row-parallel."""
+        return TensorParallelPlan(
+            splits=MLP_SPLITS,
+            divisible={"model.ffn_hidden": cfg.ffn_hidden_size},
+            collectives="all-reduce of w2's output (and of the input's gradient)",
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.activation.fn(self.w1(x))

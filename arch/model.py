@@ -1,6 +1,8 @@
 """The hybrid decoder: embeddings -> pattern of sub-layers over a residual state -> norm -> head.
 
-Single-device model code only; how it is split over GPUs lives in `trainer`.
+Built for one process by default; with a tensor-parallel context ``tp``
+(`arch.tensor_parallel_plan`) every plugin is built in its local form from its declared plan
+(`shard_model`), and the same ``forward`` runs split. The collectives live in the context.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from arch.aux_losses import recording
 from arch.cache import InferenceCache, PerEvaluation, new_cache
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
-from arch.numerics import fp32_or_wider
+from arch.model_plan import check_tensor_parallel, split_of
 from arch.residual import State
+from arch.tensor_parallel_plan import DENSE, TensorParallel, has_plan, split_tensor
 
 # Projections whose output is added to the residual stream: initialised smaller (GPT-2 / Megatron).
 RESIDUAL_OUT_ROLES = ("wo", "w2", "out_proj")
@@ -27,14 +29,18 @@ RESIDUAL_OUT_ROLES = ("wo", "w2", "out_proj")
 class SubLayer(nn.Module):
     """One pattern symbol: pre-norm, the mixer or FFN plugin, and its residual update."""
 
-    def __init__(self, cfg: ModelConfig, index: int, symbol: str) -> None:
+    def __init__(
+        self, cfg: ModelConfig, index: int, symbol: str, tp: TensorParallel = DENSE
+    ) -> None:
         super().__init__()
         kind, plugin = cfg.symbol_table()[symbol]
-        registry = MIXERS if kind == "mixer" else FFNS
+        inner = (MIXERS if kind == "mixer" else FFNS).get(plugin)
         self.symbol = symbol
         self.kind = kind
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.inner = registry.get(plugin)(cfg, index)
+        # A plugin with a plan is built in its local form from the context; one without only
+        # ever runs in one process (`check_tensor_parallel` refuses it at tp > 1).
+        self.inner = inner(cfg, index, tp) if has_plan(inner) else inner(cfg, index)
         self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
         # Mixers that keep packed documents apart take `doc_ids`; the others never see it.
         self.takes_doc_ids = "doc_ids" in inspect.signature(self.inner.forward).parameters
@@ -78,19 +84,25 @@ class SubLayer(nn.Module):
 
 
 class HybridLM(nn.Module):
-    """Decoder-only language model described by ``cfg.pattern``; returns logits [B, T, vocab]."""
+    """Decoder-only language model described by ``cfg.pattern``; returns logits [B, T, vocab].
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    ``tp``: the parallel context its plugins are built with; ``init=False`` skips the
+    initialisation (`shard_model` copies the dense model's values in instead).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel = DENSE, init: bool = True) -> None:
         super().__init__()
         validate_model_config(cfg)
-        self.cfg = cfg
-        vocab = cfg.padded_vocab_size
-        self.embed = nn.Embedding(vocab, cfg.d_model)
+        self.cfg, self.tp = cfg, tp
+        vocab, d = cfg.padded_vocab_size, cfg.d_model
+        self.embed = tp.embedding(vocab, d)
         self.state_init = RESIDUALS.get(cfg.residual.name).build_state_init(cfg)
-        self.layers = nn.ModuleList(SubLayer(cfg, i, s) for i, s in enumerate(cfg.layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab, bias=False)
-        self.reset_parameters()
+        self.layers = nn.ModuleList(SubLayer(cfg, i, s, tp) for i, s in enumerate(cfg.layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        # Column-parallel over the vocabulary rows; only its weight is used (`logits`).
+        self.head = None if cfg.tie_embeddings else nn.Linear(d, vocab // tp.size, bias=False)
+        if init:
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -115,15 +127,35 @@ class HybridLM(nn.Module):
                 module.post_init_weights()
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]; ``doc_ids`` [B, T] keeps packed documents apart (see
-        `arch.documents`)."""
-        state = self.state_init(self.embed(input_ids), input_ids)
-        for layer in self.layers:
-            state = layer(state, doc_ids)
-        h = self.norm(state["x"])
-        weight = self.embed.weight if self.head is None else self.head.weight
-        # Padding rows exist for sharding only: logits cover the real vocabulary.
-        return F.linear(h, weight[: self.cfg.vocab_size])
+        """Logits [B, T, vocab] (under TP this rank's slice of the padded vocabulary, see
+        `logits`); ``doc_ids`` [B, T] keeps packed documents apart (see `arch.documents`)."""
+        state = self.run_layers(self.embed_tokens(input_ids), doc_ids)
+        return self.logits(self.norm(state["x"]))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> State:
+        """The initial residual state of token ids [B, T]."""
+        return self.state_init(self.embed(input_ids), input_ids)
+
+    def run_layers(
+        self,
+        state: State,
+        doc_ids: torch.Tensor | None = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> State:
+        """Sub-layers [start, end) over the residual state (a pipeline stage runs its range)."""
+        for i in range(start, len(self.layers) if end is None else end):
+            state = self.layers[i](state, doc_ids)
+        return state
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the final-normed hidden state ``h``: the real vocabulary in one process;
+        under TP this rank's slice of the padded vocabulary, padding rows at -inf.
+        ``weight``: the output matrix when the model does not hold it (a last pipeline stage's
+        copy of the tied embedding); by default the head's, or the embedding's when tied."""
+        if weight is None:
+            weight = self.embed.weight if self.head is None else self.head.weight
+        return self.tp.vocab_logits(h, weight, self.cfg.vocab_size)
 
     def new_cache(self) -> InferenceCache:
         """An empty cache for `forward_step`; CacheUnsupportedError if a sub-layer cannot step."""
@@ -140,9 +172,7 @@ class HybridLM(nn.Module):
         for i, layer in enumerate(self.layers):
             state, cache.layers[i] = layer.step(state, cache.layers[i], cache.position)
         cache.position += input_ids.shape[1]
-        h = self.norm(state["x"])
-        weight = self.embed.weight if self.head is None else self.head.weight
-        return F.linear(h, weight[: self.cfg.vocab_size])
+        return self.logits(self.norm(state["x"]))
 
     def forward_with_aux(
         self, input_ids: torch.Tensor, metrics: dict[str, torch.Tensor] | None = None
@@ -179,16 +209,51 @@ def aux_loss_counts(cfg: ModelConfig, layers: range | None = None) -> dict[str, 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32 (targets already shifted by the caller)."""
-    return F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten())
+    return DENSE.cross_entropy(logits, targets)
 
 
-def build_model(cfg: ModelConfig, seed: int | None = None) -> HybridLM:
-    """Build the model, initialised from ``seed`` (same weights for the same seed and config)."""
+def build_model(cfg: ModelConfig, seed: int | None = None, tp: TensorParallel = DENSE) -> HybridLM:
+    """Build the model, initialised from ``seed`` (same weights for the same seed and config);
+    under a tensor-parallel context ``tp``, this rank's part of that model (`shard_model`)."""
     if seed is None:
-        return HybridLM(cfg)
+        return shard_model(HybridLM(cfg), tp)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return HybridLM(cfg)
+        dense = HybridLM(cfg)
+    return shard_model(dense, tp)
+
+
+@torch.no_grad()
+def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
+    """The model ``dense`` built in its parallel form for this rank of ``tp``, holding its shard
+    of every dense value (`arch.model_plan.split_of`); ``dense`` itself at size 1.
+
+    Every rank must pass the same dense model (same config and seed): the start is then exactly
+    the one-process model. Names are the dense ones; split parameters are marked (`mark_split`).
+    """
+    if tp.size == 1:
+        return dense
+    cfg = dense.cfg
+    check_tensor_parallel(cfg, tp.size)
+    state = dense.state_dict()
+    tp.check_same_model(state)
+    with torch.random.fork_rng(devices=[]):  # the local build's throwaway init draws nothing
+        model = HybridLM(cfg, tp=tp, init=False)
+    local = model.state_dict(keep_vars=True)
+    if list(local) != list(state):
+        raise RuntimeError(f"the parallel build changed the state keys: {set(local) ^ set(state)}")
+    for name, tensor in local.items():
+        split = split_of(name, cfg)
+        shard = state[name] if split is None else split_tensor(state[name], split, tp.rank, tp.size)
+        if shard.shape != tensor.shape:
+            raise RuntimeError(
+                f"{name}: its plan gives a shard of {tuple(shard.shape)}, the plugin built "
+                f"{tuple(tensor.shape)}; its tensor_parallel_plan and constructor disagree"
+            )
+        tensor.data = shard.clone(memory_format=torch.contiguous_format)
+        if split is not None and isinstance(tensor, nn.Parameter):
+            tp.mark_split(tensor, split)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

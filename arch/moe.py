@@ -38,23 +38,41 @@ from torch import nn
 from arch.aux_losses import AuxRecorder, active_recorder
 from arch.config import ModelConfig
 from arch.layers_registry import FFNS
-from arch.mlp import MLP
+from arch.mlp import MLP, MLP_SPLITS
 from arch.numerics import fp32_or_wider
+from arch.tensor_parallel_plan import DENSE, TensorParallel, TensorParallelPlan
+
+
+def expert_hidden(cfg: ModelConfig) -> int:
+    """Each expert's hidden width (model.moe.expert_hidden, default model.ffn_hidden_size)."""
+    return cfg.ffn_hidden_size if cfg.moe.expert_hidden is None else cfg.moe.expert_hidden
 
 
 @FFNS.register("moe")
 class MoE(nn.Module):
     """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
 
-    def __init__(self, cfg: ModelConfig, layer_index: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         m = cfg.moe
         self.cfg = m
         self.layer_index = layer_index
-        hidden = cfg.ffn_hidden_size if m.expert_hidden is None else m.expert_hidden
+        hidden = expert_hidden(cfg)
         # A plain Linear: routing is computed in fp32 from the raw weight, never preconditioned.
         self.router = nn.Linear(cfg.d_model, m.num_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(cfg, layer_index, hidden) for _ in range(m.num_experts))
+        self.experts = nn.ModuleList(
+            MLP(cfg, layer_index, tp, hidden) for _ in range(m.num_experts)
+        )
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Every expert an MLP split the same way; the router replicated (each expert's output
+        is reduced before the router weight multiplies it, so the router's gradient is exact)."""
+        return TensorParallelPlan(
+            splits={f"experts.*.{name}": split for name, split in MLP_SPLITS.items()},
+            divisible={"model.moe.expert_hidden": expert_hidden(cfg)},
+            collectives="all-reduce of each expert's w2 output (and of its input's gradient)",
+        )
 
     @classmethod
     def aux_loss_names(cls, cfg: ModelConfig) -> tuple[str, ...]:

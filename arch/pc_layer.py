@@ -13,6 +13,13 @@ by ``power_iter`` iterations under no-grad after every optimizer step and once b
 (``post_optimizer_step``, called by the trainer). The polynomial runs in fp32 (autocast off).
 ``merge_pc(model)`` replaces every PCLinear by a plain Linear holding W_eff: zero inference cost.
 
+Under tensor parallelism (``tp``, see `arch.tensor_parallel_plan`) ``lin`` holds this rank's
+shard of W: the full W is gathered, W_eff computed in full on every rank, passed through
+``tp.copy_to_region`` (its gradient summed over ranks) and this rank's slice multiplied column-
+or row-parallel. gamma then gets its full gradient on every rank, the gather's backward (own
+slice) gives each shard its exact gradient, and the power iteration runs on the gathered W, so
+gamma, u and v stay replicated.
+
 Options (``model.preconditioner.options``): level (1-4, default 4; the paper uses 4 with AdamW and
 2 with Muon), targets (roles to wrap, default [w1, w2, w3, wo]: FFN projections and the attention
 output), power_iter (10), eps (1e-7), learnable_gamma (true), gamma_init (1.0).
@@ -31,6 +38,13 @@ from arch.layers_registry import PRECONDITIONERS
 from arch.numerics import fp32_or_wider
 from arch.options import resolve_options
 from arch.registry import ConfigError
+from arch.tensor_parallel_plan import (
+    COLUMN_PARALLEL,
+    DENSE,
+    Split,
+    TensorParallel,
+    TensorParallelPlan,
+)
 
 # q's coefficients c0 + c1 x + ... per level (g(1) = sum = 1), as released.
 PC_COEFFS: dict[int, tuple[float, ...]] = {
@@ -75,15 +89,18 @@ class PCLinear(nn.Module):
 
     def __init__(
         self,
-        linear: nn.Linear,
+        linear: nn.Module,
         level: int = 4,
         power_iter: int = 10,
         eps: float = 1e-7,
         learnable_gamma: bool = True,
         gamma_init: float = 1.0,
+        tp: TensorParallel = DENSE,
+        split: Split = COLUMN_PARALLEL,
     ) -> None:
         super().__init__()
         self.lin = linear
+        self.tp, self.split = tp, split
         self.level, self.power_iter, self.eps = level, power_iter, eps
         self.coeffs = PC_COEFFS[level]
         gamma = torch.full((1,), float(gamma_init))
@@ -91,7 +108,9 @@ class PCLinear(nn.Module):
             self.gamma = nn.Parameter(gamma)
         else:
             self.register_buffer("gamma", gamma)
-        out_features, in_features = linear.weight.shape
+        shape = list(linear.weight.shape)
+        shape[split.dim] *= tp.size
+        out_features, in_features = shape
         # Start vectors from a generator of their own: the model's seeded init stays the same
         # with PC on or off, and a meta-device build needs no RNG.
         gen = torch.Generator().manual_seed(out_features * 1_000_003 + in_features)
@@ -100,40 +119,49 @@ class PCLinear(nn.Module):
             start = F.normalize(torch.randn(n, generator=gen, device="cpu"), dim=0)
             self.register_buffer(name, start.to(device))
 
-    @property
-    def in_features(self) -> int:
-        return self.lin.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.lin.out_features
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: object) -> TensorParallelPlan:
+        """The raw weight splits as the projection it wraps (the owner's plan names it
+        ``<role>.weight``); gamma, u and v are replicated."""
+        return TensorParallelPlan(
+            wraps="lin.weight",
+            collectives="all-gather of W; all-reduce of W_eff's gradient (see the module doc)",
+        )
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight (what the layer multiplies by), for code that reads ``.weight``."""
-        return self.effective_weight()
+        """This rank's slice of the effective weight (what the layer multiplies by)."""
+        return self.tp.shard(self.tp.copy_to_region(self.effective_weight()), self.split)
 
-    def sigma(self) -> torch.Tensor:
+    def full_weight(self) -> torch.Tensor:
+        """The raw W, gathered from every rank under TP."""
+        return self.tp.gather(self.lin.weight, self.split)
+
+    def sigma(self, W: torch.Tensor | None = None) -> torch.Tensor:
         """uᵀ W v + eps: the power-iteration estimate of W's top singular value (with grad)."""
-        W = fp32_or_wider(self.lin.weight)
+        W = fp32_or_wider(self.full_weight() if W is None else W)
         return self.u.to(W.dtype) @ W @ self.v.to(W.dtype) + self.eps
 
     def effective_weight(self) -> torch.Tensor:
-        W = self.lin.weight
+        """The full W_eff (identical on every rank)."""
+        W = self.full_weight()
         with torch.autocast(W.device.type, enabled=False):
-            sigma = self.sigma()
+            sigma = self.sigma(W)
             P = pc_polynomial(fp32_or_wider(W) / sigma, self.coeffs)
             return (self.gamma.to(P.dtype) * sigma.detach() * P).to(W.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.lin.bias)
+        bias = getattr(self.lin, "bias", None)
+        if self.split.column_parallel:
+            return F.linear(self.tp.copy_to_region(x), self.weight, bias)
+        y = self.tp.reduce_from_region(F.linear(x, self.weight).contiguous())
+        return y if bias is None else y + bias
 
     @torch.no_grad()
     def post_optimizer_step(self, iterations: int | None = None) -> None:
         """Refine (u, v) by ``power_iter`` power iterations warm-started from the stored ones."""
-        power_iteration(
-            fp32_or_wider(self.lin.weight), self.u, self.v, iterations or self.power_iter
-        )
+        W = fp32_or_wider(self.full_weight())
+        power_iteration(W, self.u, self.v, iterations or self.power_iter)
 
     def post_init_weights(self) -> None:
         """After the model's (re-)initialisation: the first, cold power iteration, before step 0.
@@ -161,7 +189,8 @@ class PCLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"level={self.level}, power_iter={self.power_iter}"
+        parallel = "" if self.tp.size == 1 else f"tp={self.tp.size}, split={self.split}, "
+        return f"{parallel}level={self.level}, power_iter={self.power_iter}"
 
 
 def _check_pc_options(options: dict[str, Any], key: str) -> None:
@@ -179,7 +208,14 @@ def _check_pc_options(options: dict[str, Any], key: str) -> None:
 
 
 @PRECONDITIONERS.register("pc")
-def pc_preconditioner(linear: nn.Linear, cfg: PreconditionerConfig, role: str) -> nn.Module:
+def pc_preconditioner(
+    linear: nn.Module,
+    cfg: PreconditionerConfig,
+    role: str,
+    *,
+    tp: TensorParallel = DENSE,
+    split: Split = COLUMN_PARALLEL,
+) -> nn.Module:
     """PC layer: polynomial preconditioning of the weight spectrum (levels 1-4); merges away.
 
     Options: level (4), targets ([w1, w2, w3, wo]), power_iter (10), eps (1e-7),
@@ -195,6 +231,8 @@ def pc_preconditioner(linear: nn.Linear, cfg: PreconditionerConfig, role: str) -
         eps=options["eps"],
         learnable_gamma=options["learnable_gamma"],
         gamma_init=options["gamma_init"],
+        tp=tp,
+        split=split,
     )
 
 
@@ -211,6 +249,7 @@ pc_preconditioner.option_choices = {  # type: ignore[attr-defined]
     "learnable_gamma": (True, False),
 }
 pc_preconditioner.check_options = _check_pc_options  # type: ignore[attr-defined]
+pc_preconditioner.tensor_parallel_plan = PCLinear.tensor_parallel_plan  # type: ignore[attr-defined]
 
 
 @torch.no_grad()

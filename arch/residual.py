@@ -20,6 +20,7 @@ from torch import nn
 from arch.config import ModelConfig
 from arch.layers_registry import RESIDUALS
 from arch.options import resolve_options
+from arch.tensor_parallel_plan import REPLICATED, TensorParallelPlan
 
 State = dict[str, torch.Tensor]
 Oracle = Callable[[torch.Tensor], torch.Tensor]
@@ -56,6 +57,12 @@ class ResidualUpdate(nn.Module):
         return resolve_options(
             cls, cfg.residual.options, "model.residual.options", cfg.residual.name
         )
+
+    @classmethod
+    def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:
+        """Residual updates act on the replicated stream: every parameter replicated (a plugin
+        that splits something overrides this and builds its local form itself)."""
+        return REPLICATED
 
     @classmethod
     def build_state_init(cls, cfg: ModelConfig) -> nn.Module:

@@ -606,6 +606,7 @@ def cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def cmd_registry(args: argparse.Namespace) -> int:
     import data_pipeline  # noqa: F401  (each package registers its built-ins on import)
     import trainer  # noqa: F401
+    from arch.model_plan import tensor_parallel_note
     from arch.registry import Registry
 
     registries = Registry.all()
@@ -618,7 +619,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     for kind, registry in registries.items():
         print(f"{kind}: {registry.description}  [entry points: {registry.entry_point_group}]")
         for name, obj in registry.items():
-            print(f"  {name:<16} {Registry.doc_line(obj)}")
+            print(f"  {name:<16} {Registry.doc_line(obj)}{tensor_parallel_note(kind, obj)}")
     return 0
 
 

@@ -30,7 +30,7 @@ MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
 
 
 # What a layout may set besides tp/pp/zero: the model (the reference is trained once per model).
-MODEL_KEYS = ("residual", "pattern", "top_k")
+MODEL_KEYS = ("residual", "pattern", "top_k", "symbols")
 
 
 def model_key(layout: dict) -> str:
@@ -44,6 +44,7 @@ def run_config(
     residual: str = "heavy_ball",
     pattern: str = "*M-E*-",
     top_k: int = 1,
+    symbols: dict[str, str] | None = None,
 ) -> RunConfig:
     cfg = RunConfig()
     cfg.model = ModelConfig(
@@ -53,6 +54,7 @@ def run_config(
         n_kv_heads=2,
         vocab_size=VOCAB,
         ffn_hidden=64,
+        symbols=symbols or {},  # out-of-tree plugins (tests/test_plugin_package.py)
     )
     cfg.model.residual.name = residual
     # More experts than a micro-batch's 32 tokens fill: some get no token on some rank, and every

@@ -38,7 +38,11 @@ TOLERANCE = 1e-5
 CHAOTIC = {"ortho": {"steps": 1, "loss_steps": 2}}
 
 
-def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
+def run_layouts(
+    tmp_path: Path, nproc: int, layouts: list[dict], pythonpath: tuple[str, ...] = ()
+) -> dict:
+    """Train ``layouts`` in one launch of ``nproc`` ranks; ``pythonpath``: extra import roots
+    (an installed plugin package)."""
     out = tmp_path / f"layouts_{nproc}.json"
     cmd = [
         sys.executable,
@@ -51,7 +55,11 @@ def run_layouts(tmp_path: Path, nproc: int, layouts: list[dict]) -> dict:
         str(out),
         json.dumps(layouts),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *pythonpath]),
+    }
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())

@@ -335,7 +335,8 @@ def test_cli_lists_the_plugin_with_its_doc_line(plugin_cli):
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("residual: ") and "hybridtron.residual" in lines[0]
     entries = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
-    assert entries["half"] == "Half-step residual (demo plugin)."
+    # A residual subclass inherits the all-replicated tensor-parallel plan.
+    assert entries["half"] == "Half-step residual (demo plugin).  [tp: none (replicated)]"
     assert entries["plain"].startswith("x <- x + f(norm(x))")
 
 

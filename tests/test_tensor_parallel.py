@@ -1,4 +1,4 @@
-"""Tensor parallelism (trainer.parallel.tensor_parallel): shard layouts, config checks, and a real
+"""Tensor parallelism: the plans plugins declare (arch.model_plan), config checks, and a real
 2-rank gloo run (tests/tp_worker.py) comparing the TP model with the dense one exactly."""
 
 from __future__ import annotations
@@ -15,19 +15,16 @@ from conftest import REPO
 
 from arch import ModelConfig
 from arch.config import Mamba2Config, MambaConfig, MoEConfig, PreconditionerConfig
-from arch.model import build_model, lm_loss
-from arch.registry import ConfigError
-from trainer.parallel.tensor_parallel import (
-    apply_tensor_parallel,
+from arch.layers_registry import MIXERS
+from arch.model import build_model, lm_loss, shard_model
+from arch.model_plan import (
     check_tensor_parallel,
     is_tensor_parallel_param,
     merge_shards,
-    parallel_cross_entropy,
-    parallel_embed,
-    parallel_forward,
-    parallel_logits,
     split_for_rank,
 )
+from arch.registry import ConfigError
+from arch.tensor_parallel_plan import DENSE, Split, merge_tensors, split_tensor
 
 
 def hybrid(**kw) -> ModelConfig:
@@ -144,20 +141,54 @@ def test_check_tensor_parallel_only_checks_what_the_pattern_uses():
 
 
 def test_single_process_is_the_dense_model():
-    """Without a TP group (tp 1) the helpers reproduce HybridLM.forward and lm_loss exactly."""
+    """The single-process context builds the dense model; the model's pieces (embed_tokens,
+    run_layers, logits) compose to forward, and the context's loss is lm_loss."""
     cfg = hybrid(tie_embeddings=False)
-    model = build_model(cfg, seed=1)
-    assert apply_tensor_parallel(model) is model
+    model = build_model(cfg, seed=1, tp=DENSE)
+    assert shard_model(model, DENSE) is model
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
-    logits = parallel_forward(model, ids[:, :-1])
+    logits = model(ids[:, :-1])
     assert logits.shape[-1] == cfg.vocab_size
-    assert torch.equal(logits, model(ids[:, :-1]))
+    state = model.run_layers(model.embed_tokens(ids[:, :-1]), None, 0, 3)
+    state = model.run_layers(state, None, 3)
+    assert torch.equal(model.logits(model.norm(state["x"])), logits)
     h = torch.randn(2, 3, cfg.d_model)
-    assert torch.equal(parallel_logits(model, h), h @ model.head.weight[: cfg.vocab_size].T)
-    assert torch.equal(parallel_embed(model, ids), model.embed(ids))
-    assert torch.equal(
-        parallel_cross_entropy(logits, ids[:, 1:]), lm_loss(model(ids[:, :-1]), ids[:, 1:])
-    )
+    assert torch.equal(model.logits(h), h @ model.head.weight[: cfg.vocab_size].T)
+    assert torch.equal(DENSE.cross_entropy(logits, ids[:, 1:]), lm_loss(logits, ids[:, 1:]))
+
+
+def test_split_tensor_and_merge_tensors_are_inverse():
+    full = torch.arange(24.0).view(6, 4)
+    fused = Split(0, (2, 4))
+    shards = [split_tensor(full, fused, r, 2) for r in range(2)]
+    assert shards[0][:, 0].tolist() == [0.0, 8.0, 12.0]  # a piece of every part
+    assert torch.equal(merge_tensors(shards, fused), full)
+    with pytest.raises(ValueError, match="does not split"):
+        split_tensor(full, Split(1), 0, 3)
+
+
+class NoPlanMixer(torch.nn.Module):
+    """A mixer that declares no tensor-parallel plan (identity)."""
+
+    def __init__(self, cfg, layer_index):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(cfg.d_model))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_plugin_without_a_plan_trains_at_tp1_and_is_refused_at_tp2():
+    MIXERS.add("test_no_plan", NoPlanMixer, override=True)
+    cfg = hybrid(pattern="X-", symbols={"X": "test_no_plan"})
+    model = build_model(cfg, seed=0)
+    model(torch.randint(0, cfg.vocab_size, (1, 4))).sum().backward()
+    check_tensor_parallel(cfg, 1)
+    with pytest.raises(ConfigError) as err:
+        check_tensor_parallel(cfg, 2)
+    message = str(err.value)
+    assert "'test_no_plan'" in message and "tensor_parallel_plan" in message
+    assert "\n" not in message
 
 
 def _free_port() -> int:
@@ -186,7 +217,7 @@ def test_two_ranks_match_the_dense_model(tmp_path):
         # The worker runs both models in float64 (in fp32 these bounds had 2-5x margins and the
         # buffers' 1e-4 failed under MKL_CBWR=COMPATIBLE). float64, worst over OMP 1/2 threads,
         # default/avx2/avx512 kernels and MKL_CBWR=COMPATIBLE: loss 9.3e-8 relative, grads 4.6e-8
-        # (fp32-sized: parallel_cross_entropy returns fp32 for float64 logits, whose gathered
+        # (fp32-sized: the context's cross_entropy returns fp32 for float64 logits, whose gathered
         # values match the dense ones to 3e-16), params after AdamW's sign-like first step 1.0e-5,
         # PC buffers 1.4e-6; each bound below leaves >= 19x.
         for dense_loss, tp_loss, rel in res["losses"]:  # before and after one AdamW step

@@ -1,13 +1,12 @@
 """Run under torchrun by test_tensor_parallel.py: one tensor-parallel rank (gloo, CPU).
 
 argv: OUT_DIR. For every model in `models()` it builds the dense model (same seed on every rank),
-a deep copy made tensor-parallel with `apply_tensor_parallel`, and compares losses, gradients
+its tensor-parallel form (`shard_model` with the Megatron context), and compares losses, gradients
 (merged from all ranks), a torch AdamW step and the loss after it. Writes OUT_DIR/rank<R>.json.
 """
 
 from __future__ import annotations
 
-import copy
 import faulthandler
 import json
 import os
@@ -30,14 +29,9 @@ from arch.config import (  # noqa: E402
     PreconditionerConfig,
     ResidualConfig,
 )
-from arch.model import build_model, lm_loss  # noqa: E402
-from trainer.parallel.tensor_parallel import (  # noqa: E402
-    apply_tensor_parallel,
-    is_tensor_parallel_param,
-    merge_shards,
-    parallel_cross_entropy,
-    parallel_forward,
-)
+from arch.model import build_model, lm_loss, shard_model  # noqa: E402
+from arch.model_plan import is_tensor_parallel_param, merge_shards  # noqa: E402
+from trainer.parallel.tensor_parallel import MegatronTensorParallel  # noqa: E402
 
 PC_TARGETS = ["w1", "w2", "w3", "wo", "wq", "in_proj", "x_proj", "out_proj"]
 
@@ -109,7 +103,8 @@ def check(cfg: ModelConfig, use_docs: bool) -> dict:
     # params after AdamW's sign-like first step 4e-4 and PC's power-iteration buffers 1.5e-4 apart
     # (MKL_CBWR=COMPATIBLE), 2-5x under the bounds or past them; see test_tensor_parallel.
     dense = build_model(cfg, seed=7).double()
-    model = apply_tensor_parallel(copy.deepcopy(dense))
+    tp = MegatronTensorParallel(torch.float64)
+    model = shard_model(dense, tp)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=gen)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -133,8 +128,8 @@ def check(cfg: ModelConfig, use_docs: bool) -> dict:
     losses = []
     for step in range(2):
         dense_loss = lm_loss(dense(inputs, doc_ids), targets)
-        logits = parallel_forward(model, inputs, doc_ids)
-        tp_loss = parallel_cross_entropy(logits, targets)
+        logits = model(inputs, doc_ids)
+        tp_loss = tp.cross_entropy(logits, targets)
         res["logits_shape"] = list(logits.shape)
         losses.append(
             (dense_loss.item(), tp_loss.item(), rel(tp_loss.detach(), dense_loss.detach()))

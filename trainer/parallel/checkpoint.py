@@ -10,8 +10,8 @@ the data-loader position and the config. Files in ``step_N/``::
     state.pt, config.yaml, manifest.json (with "layout": {"tp", "pp", "dp"}), the tokenizer
 
 Loading reads, for each parameter a process holds, the shards that cover it, merges them into the
-dense tensor (`tensor_parallel.merge_shards`) and cuts this process's shard
-(`tensor_parallel.split_for_rank`). So a checkpoint of any layout resumes under any other (one
+dense tensor (`arch.model_plan.merge_shards`) and cuts this process's shard
+(`arch.model_plan.split_for_rank`). So a checkpoint of any layout resumes under any other (one
 process included), with no conversion step; `Checkpoint.model_state()` gives the dense model for
 eval and export.
 """
@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from arch.config import ModelConfig
+from arch.model_plan import merge_shards
 from trainer.checkpoint import OPTIMIZER_FILE, Checkpoint, CheckpointError
 
 _SHARD = re.compile(r"^shard-pp(\d+)-tp(\d+)\.safetensors$")
@@ -91,7 +92,6 @@ class ShardedCheckpoint:
         return list(self._index)
 
     def tensor(self, name: str) -> torch.Tensor:
-        from trainer.parallel.tensor_parallel import merge_shards
 
         files = self._index.get(name)
         if files is None:
@@ -123,7 +123,6 @@ class ShardedCheckpoint:
 
     def moments(self, name: str) -> dict[str, torch.Tensor]:
         """Dense optimizer state tensors of parameter ``name`` ({} when none was saved)."""
-        from trainer.parallel.tensor_parallel import merge_shards
 
         per_rank = self._optim[1].get(name)
         if not per_rank:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from arch.model_plan import check_tensor_parallel
 from arch.registry import ConfigError
 from trainer.config import RunConfig, grad_accumulation_steps
 
@@ -15,7 +16,6 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     if world == 1:
         return
     from trainer.parallel.stages import stage_layer_ranges
-    from trainer.parallel.tensor_parallel import check_tensor_parallel
 
     check_tensor_parallel(cfg.model, p.tensor)
     stage_layer_ranges(cfg.model, p.pipeline)

@@ -95,12 +95,9 @@ class PipelineStage(nn.Module):
     def forward(
         self, inputs: torch.Tensor | State, input_ids: torch.Tensor, doc_ids: torch.Tensor | None
     ) -> State | torch.Tensor:
-        from trainer.parallel.tensor_parallel import parallel_embed, parallel_logits
-
         m = self.model
-        state = m.state_init(parallel_embed(m, input_ids), input_ids) if self.first else inputs
-        for i in range(self.start, self.end):
-            state = m.layers[i](state, doc_ids)
+        state = m.embed_tokens(input_ids) if self.first else inputs
+        state = m.run_layers(state, doc_ids, self.start, self.end)
         if not self.last:
             return state
-        return parallel_logits(m, m.norm(state["x"]), weight=self.tied_head)
+        return m.logits(m.norm(state["x"]), weight=self.tied_head)

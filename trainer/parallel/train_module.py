@@ -24,7 +24,9 @@ import torch.distributed as dist
 from arch import build_model, count_parameters
 from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
-from arch.model import aux_loss_counts
+from arch.model import aux_loss_counts, shard_model
+from arch.model_plan import split_for_rank
+from arch.tensor_parallel_plan import DENSE
 from trainer.config import RunConfig
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.checkpoint import rng_file, write_shard
@@ -32,11 +34,7 @@ from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
 from trainer.parallel.stages import PipelineStage, stage_layer_ranges, state_shapes
-from trainer.parallel.tensor_parallel import (
-    apply_tensor_parallel,
-    parallel_cross_entropy,
-    split_for_rank,
-)
+from trainer.parallel.tensor_parallel import MegatronTensorParallel
 from trainer.parallel.watchdog import operation
 from trainer.rng import rng_state
 from trainer.train_module import StepResult, autocast, model_inputs, post_optimizer_step
@@ -92,9 +90,10 @@ class ParallelTrainModule:
         dense = build_model(cfg.model, seed=cfg.trainer.seed)
         self.num_params = count_parameters(dense)
         self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
-        apply_tensor_parallel(dense)
+        self.tp = MegatronTensorParallel() if grid.tp > 1 else DENSE
+        model = shard_model(dense, self.tp)
         start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
-        self.stage = PipelineStage(dense, start, end, grid.is_first_stage, grid.is_last_stage)
+        self.stage = PipelineStage(model, start, end, grid.is_first_stage, grid.is_last_stage)
         # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
         self.aux_counts = aux_loss_counts(cfg.model)
         self.stage_aux_counts = aux_loss_counts(cfg.model, range(start, end))
@@ -152,7 +151,7 @@ class ParallelTrainModule:
             aux = recorder.losses
             add_totals(metrics, recorder.totals())
             if stage.last:
-                lm = parallel_cross_entropy(out, targets)
+                lm = self.tp.cross_entropy(out, targets)
                 lm_losses.append(lm.detach())
                 out = lm + sum(aux.values()) if aux else lm
             return out, (received, aux)
@@ -257,7 +256,7 @@ class ParallelTrainModule:
             with autocast(self.cfg.trainer.precision, g.device.type):
                 out = self.engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
             if stage.last:
-                return parallel_cross_entropy(out, targets) * len(chunks[i])
+                return self.tp.cross_entropy(out, targets) * len(chunks[i])
             return out
 
         outputs = forward_only(

@@ -1,0 +1,177 @@
+"""What a plugin declares to run under tensor parallelism (TP), and the context it is built with.
+
+A mixer, FFN, residual or preconditioner plugin that supports TP gives its class a classmethod
+``tensor_parallel_plan(cfg) -> TensorParallelPlan``: which of its parameters/buffers are split
+(names relative to the module, glob patterns allowed; anything unlisted is replicated), which
+config sizes the TP size must divide, and one line on the collectives its forward uses. Its
+constructor then takes the parallel context ``tp`` as a third argument and builds its *local*
+form directly: projections through ``tp.linear(cfg, in, out, role, split)``, per-channel
+parameters at the local width, and replicated values entering split computation through
+``tp.copy_to_region``. Local head counts come from tensor shapes in ``forward``.
+
+`TensorParallel` here is the single-process context (size 1: plain Linears, identity
+collectives), the default everywhere in ``arch``; ``trainer.parallel.tensor_parallel`` provides
+the Megatron one. This module imports torch and ``arch`` leaves only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from arch.config import ModelConfig
+from arch.layers_registry import PRECONDITIONERS
+from arch.numerics import fp32_or_wider
+
+
+@dataclass(frozen=True)
+class Split:
+    """A tensor cut along ``dim``; a fused tensor lists its ``parts`` (sizes along dim), each cut
+    evenly, and a shard is its piece of every part, in order."""
+
+    dim: int
+    parts: tuple[int, ...] | None = None  # None: one part (the whole dim)
+
+    @property
+    def stride(self) -> int:
+        return 1 if self.parts is None else len(self.parts)
+
+    @property
+    def column_parallel(self) -> bool:
+        """For a weight [out, in]: its output is split (rows); else its input (columns)."""
+        return self.dim == 0
+
+
+COLUMN_PARALLEL = Split(0)  # a column-parallel weight [out, in] keeps a block of rows
+ROW_PARALLEL = Split(1)  # a row-parallel weight keeps a block of columns (its input is split)
+
+
+def split_tensor(full: torch.Tensor, split: Split, rank: int, size: int) -> torch.Tensor:
+    """Rank ``rank`` of ``size``'s shard of ``full`` (a view where possible)."""
+    if size == 1:
+        return full
+    pieces = [full] if split.parts is None else full.split(list(split.parts), split.dim)
+    out = []
+    for piece in pieces:
+        n = piece.shape[split.dim]
+        if n % size:
+            raise ValueError(f"dim {split.dim} of size {n} does not split into {size} shards")
+        out.append(piece.narrow(split.dim, rank * (n // size), n // size))
+    return out[0] if len(out) == 1 else torch.cat(out, split.dim)
+
+
+def merge_tensors(shards: list[torch.Tensor], split: Split) -> torch.Tensor:
+    """The full tensor from its shards in rank order (inverse of `split_tensor`)."""
+    size = len(shards)
+    if size == 1:
+        return shards[0]
+    if split.parts is None:
+        return torch.cat(shards, split.dim)
+    local = [p // size for p in split.parts]
+    pieces = [s.split(local, split.dim) for s in shards]
+    return torch.cat(
+        [torch.cat([p[i] for p in pieces], split.dim) for i in range(len(local))], split.dim
+    )
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """How one plugin's state splits under TP (see the module docstring).
+
+    ``splits``: name relative to the module (glob patterns allowed) -> Split; ``divisible``:
+    config key -> the size at that key the TP size must divide; ``collectives``: what the forward
+    communicates (for docs and ``registry list``). ``wraps`` (preconditioners only): where the
+    wrapped projection's raw weight sits inside the wrapper (``lin.weight``): it splits as the
+    owner's plan splits ``<projection>.weight``.
+    """
+
+    splits: dict[str, Split] = field(default_factory=dict)
+    divisible: dict[str, int] = field(default_factory=dict)
+    collectives: str = "none (replicated)"
+    wraps: str | None = None
+
+    def split_of(self, name: str) -> Split | None:
+        """The Split of parameter/buffer ``name`` (relative to the module), None: replicated."""
+        if name in self.splits:
+            return self.splits[name]
+        for pattern, split in self.splits.items():
+            if fnmatchcase(name, pattern):
+                return split
+        return None
+
+
+REPLICATED = TensorParallelPlan()
+
+
+def has_plan(plugin: object) -> bool:
+    """Whether a plugin class declares how it runs under TP."""
+    return callable(getattr(plugin, "tensor_parallel_plan", None))
+
+
+class TensorParallel:
+    """The parallel context plugins are built with; this one is a single process (size 1).
+
+    Subclasses (the Megatron one in ``trainer``) override the local projections and the
+    collectives; the plugins' code is the same for both.
+    """
+
+    size: int = 1
+    rank: int = 0
+
+    def local_linear(self, in_features: int, out_features: int, split: Split) -> nn.Module:
+        """This rank's bias-free projection of an [out, in] weight split as ``split``."""
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def linear(
+        self, cfg: ModelConfig, in_features: int, out_features: int, role: str, split: Split
+    ) -> nn.Module:
+        """A projection (full sizes given) in its local form, wrapped by the configured
+        preconditioner. ``split``: the one the plugin's plan gives its weight, column-parallel
+        (output split, possibly fused parts) or `ROW_PARALLEL` (input split, output summed)."""
+        precondition = PRECONDITIONERS.get(cfg.preconditioner.name)
+        local = self.local_linear(in_features, out_features, split)
+        return precondition(local, cfg.preconditioner, role, tp=self, split=split)
+
+    def copy_to_region(self, x: torch.Tensor) -> torch.Tensor:
+        """A replicated value entering split computation: identity forward, all-reduce of its
+        gradient backward."""
+        return x
+
+    def reduce_from_region(self, x: torch.Tensor) -> torch.Tensor:
+        """Partial sums of split computation made whole: all-reduce forward, identity backward."""
+        return x
+
+    def gather(self, shard: torch.Tensor, split: Split) -> torch.Tensor:
+        """The full tensor from every rank's ``shard`` (backward: this rank's slice; exact when
+        the full tensor's gradient is the same on every rank)."""
+        return shard
+
+    def shard(self, full: torch.Tensor, split: Split) -> torch.Tensor:
+        """This rank's shard of ``full``."""
+        return split_tensor(full, split, self.rank, self.size)
+
+    def embedding(self, vocab: int, dim: int) -> nn.Module:
+        """The token embedding over the padded vocabulary (vocab-parallel under TP)."""
+        return nn.Embedding(vocab, dim)
+
+    def vocab_logits(self, h: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Logits of the real vocabulary (this rank's slice of the padded one under TP, padding
+        rows at -inf) from the output matrix's local rows ``weight``."""
+        return F.linear(h, weight[:vocab])
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in fp32 of `vocab_logits` (targets already shifted)."""
+        return F.cross_entropy(fp32_or_wider(logits).flatten(0, 1), targets.flatten())
+
+    def mark_split(self, param: nn.Parameter, split: Split) -> None:
+        """Tag a split parameter (Megatron counts its gradient norm on every rank)."""
+
+    def check_same_model(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise when the ranks built different dense models (nothing to compare in one)."""
+
+
+DENSE = TensorParallel()

@@ -1,0 +1,126 @@
+"""An out-of-tree plugin package (tests/example_plugin) installed for real and used at scale.
+
+The package registers a mixer (`gated_retention`, with its tensor-parallel plan) through the
+entry-point group ``hybridtron.mixer``; it is pip-installed into a temporary directory that
+subprocesses get on PYTHONPATH (this process's registries never see it). Checked: the registry
+lists it; tp 2, pp 2 and tp 2 x pp 2 train like one process; a tp 2 checkpoint resumes in one
+process (resharded) and one process evaluates its merged weights; a mixer without a plan is
+refused at tp 2 with one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import REPO, logged_losses, message_lines, run_cli, tiny_run_args
+from tests.test_parallel_equivalence import assert_matches_reference, run_layouts
+
+SYMBOLS = {"R": "gated_retention"}
+# Retention on both pipeline stages, beside attention and an MLP (tp 2 splits both mixers' heads).
+LAYOUT_MODEL = {"pattern": "R*R-", "symbols": SYMBOLS}
+CLI_MODEL = [
+    "model.pattern=R-*-",
+    "model.symbols={R: gated_retention}",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+]
+# A resumed run under another layout reorders reductions (see test_distributed_train).
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def plugin_site(tmp_path_factory) -> str:
+    """The example package installed (no build isolation: offline, the venv's setuptools) into a
+    directory of its own, from a copy so the source tree stays clean."""
+    root = tmp_path_factory.mktemp("plugin")
+    shutil.copytree(REPO / "tests" / "example_plugin", root / "src")
+    site = root / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+           "--no-build-isolation", "--no-index", "--target", str(site), str(root / "src")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (site / "hybridtron_example_plugin" / "retention.py").exists()
+    return str(site)
+
+
+def test_the_registry_lists_the_installed_mixer(plugin_site):
+    proc = run_cli("registry", "list", "mixer", env={"PYTHONPATH": plugin_site})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert "gated_retention" in lines and "causal linear attention" in lines["gated_retention"]
+    assert "[tp: all-reduce of wo's output" in lines["gated_retention"]  # its plan's collectives
+    assert "[tp: no plan" in lines["no_plan_mixer"]
+    assert "attention" in lines  # the built-ins are still there
+    assert "gated_retention" not in run_cli("registry", "list", "mixer").stdout  # not installed
+
+
+def test_tp2_pp2_and_tp2_x_pp2_train_like_one_process(plugin_site, tmp_path):
+    layouts = [
+        {"tp": 2, "pp": 1, "zero": 1, **LAYOUT_MODEL},  # dp 2
+        {"tp": 1, "pp": 2, "zero": 1, **LAYOUT_MODEL},  # dp 2
+        {"tp": 2, "pp": 2, "zero": 1, **LAYOUT_MODEL},
+    ]
+    assert_matches_reference(run_layouts(tmp_path, 4, layouts, pythonpath=(plugin_site,)))
+
+
+def train(plugin_site: str, data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = ["train", *tiny_run_args(data, run, *CLI_MODEL, *extra)]
+    env = {"PYTHONPATH": plugin_site, "OMP_NUM_THREADS": "1"}
+    proc = run_cli(*args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_a_tp2_checkpoint_resumes_resharded_and_exports(plugin_site, tiny_data, tmp_path):
+    run = tmp_path / "tp2"
+    proc = train(plugin_site, tiny_data, run, "parallel.tensor=2", "--nproc-per-node", "2")
+    assert "tp 2" in proc.stdout + proc.stderr
+    step2 = run / "checkpoints" / "step_00000002"
+    assert {"shard-pp0-tp0.safetensors", "shard-pp0-tp1.safetensors"} <= {
+        p.name for p in step2.iterdir()
+    }
+    with safe_open(str(step2 / "shard-pp0-tp1.safetensors"), "pt") as shard:
+        assert shard.get_slice("layers.0.inner.wq.weight").get_shape() == [16, 32]  # 2 of 4 heads
+        assert shard.get_slice("layers.0.inner.wo.weight").get_shape() == [32, 16]
+        assert shard.get_slice("layers.0.inner.decay").get_shape() == [2]
+
+    resumed = tmp_path / "one_process"
+    proc = train(plugin_site, tiny_data, resumed, f"trainer.resume_from={step2}")
+    assert "[resume]" in proc.stdout + proc.stderr
+    want, got = logged_losses(run), logged_losses(resumed)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
+
+    # Export: one process evaluates the tp 2 checkpoint's merged weights; Hugging Face has no
+    # family for this mixer, which export-hf says in one line.
+    step4 = str(run / "checkpoints" / "step_00000004")
+    env = {"PYTHONPATH": plugin_site}
+    proc = run_cli("eval", step4, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out loss" in proc.stdout
+    proc = run_cli("export-hf", step4, str(tmp_path / "hf"), env=env)
+    lines = message_lines(proc.stderr)
+    assert proc.returncode != 0 and len(lines) == 1 and "'gated_retention'" in lines[0], lines
+
+
+def test_a_mixer_without_a_plan_is_refused_at_tp2_in_one_line(plugin_site, tiny_data, tmp_path):
+    no_plan = ["model.symbols={N: no_plan_mixer}", "model.pattern=N-"]
+    args = tiny_run_args(tiny_data, tmp_path / "run", *no_plan, "parallel.tensor=2")
+    env = {"PYTHONPATH": plugin_site}
+    proc = run_cli("train", *args, "--nproc-per-node", "2", env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = message_lines(proc.stderr)
+    assert len(lines) == 1, lines
+    assert "'no_plan_mixer'" in lines[0] and "tensor_parallel_plan" in lines[0]
+    # The same mixer trains in one process.
+    args = tiny_run_args(tiny_data, tmp_path / "one", *no_plan, "trainer.max_steps=1")
+    proc = run_cli("train", *args, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
