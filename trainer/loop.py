@@ -484,28 +484,24 @@ class Trainer:
         """
         state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
         tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
-        preemption.writing = tmp  # a second signal mid-write removes it
-        try:
-            self._agree_written(
-                module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step)
-            )
+        preemption.writing = tmp  # a second signal mid-write removes it (a failure ends the run)
+        self._agree_written(module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
 
-            def write_state() -> None:
-                module.save_state(tmp)
-                if self.main:
-                    torch.save(state, tmp / ckpt.STATE_FILE)
-                    (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
-                    self.tokenizer.save(tmp)
+        def write_state() -> None:
+            module.save_state(tmp)
+            if self.main:
+                torch.save(state, tmp / ckpt.STATE_FILE)
+                (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
+                self.tokenizer.save(tmp)
 
-            self._agree_written(module, step, write_state, every_rank=True)
+        self._agree_written(module, step, write_state, every_rank=True)
 
-            def finish() -> None:
-                ckpt.finish_checkpoint(self.checkpoints_dir, step, module.checkpoint_layout)
-                ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+        def finish() -> None:
+            ckpt.finish_checkpoint(self.checkpoints_dir, step, module.checkpoint_layout)
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
 
-            self._agree_written(module, step, finish)
-        finally:
-            preemption.writing = None
+        self._agree_written(module, step, finish)
+        preemption.writing = None
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
     def _agree_written(
