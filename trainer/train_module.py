@@ -1,8 +1,8 @@
 """The one-process TrainModule (the whole model, a torch optimizer), and the pieces of a step
 (inputs, autocast, losses, evaluation) the distributed one shares.
 
-The contract both implement is `trainer.train_module_base.TrainModule`; this one trains a
-one-process grid, exactly as the layouts of the distributed module are tested against.
+The contract both implement is `trainer.train_module_base.TrainModule`; this one trains the
+one-process grid, and is the reference every layout of the distributed one is tested against.
 """
 
 from __future__ import annotations
