@@ -9,29 +9,31 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 
 from arch import build_model, count_parameters, lm_loss
 from arch.aux_losses import recording
 from arch.documents import document_ids
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
-from trainer import checkpoint as ckpt
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 from trainer.parallel.grid import Grid
 from trainer.train_module_base import StepResult, TrainModule
+
+# The checkpoint format (safetensors, xxhash) is imported where a checkpoint is written or read:
+# benchmarks/gpu_check.py drives this module on a GPU machine that has neither.
+if TYPE_CHECKING:
+    from trainer.checkpoint import Checkpoint
 
 
 class SingleProcessTrainModule(TrainModule):
     """The whole model on one process (`Grid.one_process`); checkpoints in the one-process
     format (`trainer.checkpoint.MODEL_FILE`, `OPTIMIZER_FILE`)."""
 
-    def __init__(
-        self, cfg: RunConfig, grid: Grid, checkpoint: ckpt.Checkpoint | None = None
-    ) -> None:
+    def __init__(self, cfg: RunConfig, grid: Grid, checkpoint: Checkpoint | None = None) -> None:
         super().__init__(cfg, grid, checkpoint)
         # The model lives where it trains (a GPU when there is one); the optimizer's state
         # follows it. Checkpoints are written from CPU copies, so they load anywhere.
@@ -121,20 +123,24 @@ class SingleProcessTrainModule(TrainModule):
         return None
 
     def save_state(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+
         model_state = self.model.state_dict()
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
-            directory / ckpt.MODEL_FILE,
+            directory / MODEL_FILE,
         )
-        torch.save(self.optimizer.state_dict(), directory / ckpt.OPTIMIZER_FILE)
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
-    def saved_rng(self, checkpoint: ckpt.Checkpoint, trainer_state: dict) -> dict | None:
+    def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
         return trainer_state.get("rng")  # one process: the main rank's, in the trainer state
 
     def state_bytes(self) -> int:
-        return ckpt.tensor_bytes(self.model.state_dict()) + ckpt.tensor_bytes(
-            self.optimizer.state_dict()
-        )
+        from trainer.checkpoint import tensor_bytes
+
+        return tensor_bytes(self.model.state_dict()) + tensor_bytes(self.optimizer.state_dict())
 
 
 def post_optimizer_step(model: torch.nn.Module) -> None:

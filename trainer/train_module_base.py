@@ -13,12 +13,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.checkpoint import Checkpoint
 from trainer.config import RunConfig
 from trainer.parallel.grid import Grid
+
+if TYPE_CHECKING:  # the checkpoint format (safetensors) loads where checkpoints are written
+    from trainer.checkpoint import Checkpoint
 
 
 @dataclass
