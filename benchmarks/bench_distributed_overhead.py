@@ -34,16 +34,17 @@ def main() -> None:
 
     from arch.config import ModelConfig
     from trainer.config import RunConfig
-    from trainer.parallel.grid import init_grid
+    from trainer.parallel.grid import Grid, init_grid
     from trainer.parallel.train_module import ParallelTrainModule
-    from trainer.train_module import TrainModule
+    from trainer.train_module import SingleProcessTrainModule
 
     cfg = RunConfig()
     cfg.model = ModelConfig(pattern="*M-E*-", d_model=args.d_model, n_heads=8, n_kv_heads=4)
     cfg.trainer.micro_batch_size, cfg.trainer.global_batch_size = 4, 8
     cfg.trainer.seq_len = args.seq
     grid = init_grid(1, 1, timeout_s=600)
-    plain, parallel = TrainModule(cfg), ParallelTrainModule(cfg, grid, accum=2)
+    plain = SingleProcessTrainModule(cfg, Grid.one_process())
+    parallel = ParallelTrainModule(cfg, grid)  # 2 micro-batches a step, as the plain one
     g = torch.Generator().manual_seed(0)
     batches = [
         [torch.randint(0, cfg.model.vocab_size, (4, args.seq + 1), generator=g) for _ in range(2)]

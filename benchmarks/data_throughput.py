@@ -21,7 +21,7 @@
    training counts them) over ``--loader-batches`` batches after one warm-up batch, against the
    training consumption of the default run: the median ``tokens_per_s`` of the newest run in
    ``runs/default/metrics.jsonl`` (step 1, a one-step window with the warm-up, left out), or,
-   without that file or with ``--measure-training``, 5 timed steps of ``TrainModule`` with
+   without that file or with ``--measure-training``, 5 timed steps of ``SingleProcessTrainModule`` with
    ``configs/default.yaml`` on random batches. The target is loader >= 20x training.
 
 Configurations run interleaved, ``--repeats`` times each; the best repeat is reported (the
@@ -182,15 +182,16 @@ def training_measured(steps: int) -> dict:
     """Tokens/s of ``steps`` optimizer steps of the default config on random batches."""
     from launch.config import load_config
     from trainer.config import grad_accumulation_steps
+    from trainer.parallel.grid import Grid
     from trainer.rng import seed_everything
-    from trainer.train_module import TrainModule
+    from trainer.train_module import SingleProcessTrainModule
 
     cfg = load_config(str(DEFAULT_CONFIG), [])
     t = cfg.trainer
     if t.threads:
         torch.set_num_threads(t.threads)
     seed_everything(t.seed)
-    module = TrainModule(cfg)
+    module = SingleProcessTrainModule(cfg, Grid.one_process())
     accum = grad_accumulation_steps(cfg, 1)
 
     def micro_batches() -> list[torch.Tensor]:
@@ -205,7 +206,7 @@ def training_measured(steps: int) -> dict:
     seconds = time.perf_counter() - start
     return {
         "tokens_per_s": steps * t.global_batch_size * t.seq_len / seconds,
-        "source": f"{steps} timed TrainModule steps of configs/default.yaml on random batches "
+        "source": f"{steps} timed SingleProcessTrainModule steps of configs/default.yaml on random batches "
         f"({t.global_batch_size} x {t.seq_len} tokens, {torch.get_num_threads()} threads)",
     }
 
@@ -299,7 +300,7 @@ def main() -> None:
     parser.add_argument(
         "--measure-training",
         action="store_true",
-        help="time TrainModule steps even when runs/default/metrics.jsonl exists",
+        help="time SingleProcessTrainModule steps even when runs/default/metrics.jsonl exists",
     )
     parser.add_argument("--record", action="store_true", help="write into benchmarks/RESULTS.md")
     args = parser.parse_args()

@@ -17,7 +17,7 @@ the JSON's path with ``.md``), rewritten after every section so a run cut short 
    against the ``cpu``-scan module on CPU; ``S`` (Mamba-2), ``E`` (MoE), ``-`` (MLP). TF32 is
    off for these comparisons;
 3. fwd + bwd time of the same modules in bf16 autocast at the recipe's micro-batch x seq_len;
-4. training: `trainer.train_module.TrainModule` (the step `hybridtron train` runs in one process)
+4. training: `trainer.train_module.SingleProcessTrainModule` (the step `hybridtron train` runs in one process)
    for ``configs/jamba_125m.yaml`` (once per available Mamba scan: cuda, chunked, cpu) and a
    dense ~125M attention model (the same recipe with ``model.pattern`` overridden), bf16, on
    synthetic token batches: tokens/s, TFLOP/s and MFU from `arch.flops` (FLOPs per token and the
@@ -34,7 +34,7 @@ Glue that is not the project's code, and why:
   here are imported, and the output lists every third-party module that was. DeepSpeed, Ray,
   Megatron-core and streaming are never imported (multi-GPU layouts need them; this check is
   single-GPU).
-- `TrainModule` builds its model on the CPU and its bf16 autocast is ``device_type="cpu"``
+- `SingleProcessTrainModule` builds its model on the CPU and its bf16 autocast is ``device_type="cpu"``
   (`trainer.train_module.autocast`); the check moves the model to CUDA after the optimizer is
   built (parameters keep their identity) and wraps each ``train_step`` in CUDA bf16 autocast.
 
@@ -162,6 +162,7 @@ def import_project() -> types.SimpleNamespace:
     import data_pipeline.corpora  # noqa: F401  (registers the datasets the recipe names)
     import data_pipeline.tokenizers  # noqa: F401  (and the tokenizers)
     import trainer.optim  # noqa: F401  (registers the optimizers, as trainer/__init__ does)
+    import trainer.parallel.grid
     import trainer.schedules
     import trainer.train_module
     from launch.config import load_config
@@ -173,7 +174,8 @@ def import_project() -> types.SimpleNamespace:
         flops=arch.flops,
         scan=arch.selective_scan,
         lr_at=trainer.schedules.lr_at,
-        TrainModule=trainer.train_module.TrainModule,
+        TrainModule=trainer.train_module.SingleProcessTrainModule,
+        Grid=trainer.parallel.grid.Grid,
         load_config=load_config,
     )
 
@@ -631,7 +633,9 @@ def train(p, plan: Plan, spec: TrainSpec, report: Report) -> dict[str, Any]:
     t = cfg.trainer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    module = p.TrainModule(cfg)  # model on the CPU, optimizer over its parameters
+    module = p.TrainModule(
+        cfg, p.Grid.one_process()
+    )  # model on the CPU, optimizer over its parameters
     module.model.to(device)  # in place: the optimizer's parameters are the same objects
     outer = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16)

@@ -21,9 +21,9 @@ warnings.simplefilter("ignore")
 
 from arch.config import ModelConfig  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
-from trainer.parallel.grid import init_grid  # noqa: E402
+from trainer.parallel.grid import Grid, init_grid  # noqa: E402
 from trainer.parallel.train_module import ParallelTrainModule  # noqa: E402
-from trainer.train_module import TrainModule  # noqa: E402
+from trainer.train_module import SingleProcessTrainModule  # noqa: E402
 
 STEPS = 4
 MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
@@ -93,7 +93,8 @@ def summary(out: list) -> dict:
 
 
 def reference(layout: dict) -> dict:
-    module = TrainModule(run_config(0, 1, 1, **model_options(layout)))
+    cfg = run_config(0, 1, 1, **model_options(layout))
+    module = SingleProcessTrainModule(cfg, Grid.one_process())
     return summary([module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()])
 
 
@@ -104,8 +105,7 @@ def run_layout(layout: dict) -> dict:
     tp, pp = layout["tp"], layout["pp"]
     grid = init_grid(tp, pp, timeout_s=120)
     cfg = run_config(layout["zero"], tp, pp, **model_options(layout))
-    accum = GLOBAL // (MICRO * grid.dp)
-    module = ParallelTrainModule(cfg, grid, accum)
+    module = ParallelTrainModule(cfg, grid)  # GLOBAL // (MICRO * dp) micro-batches a step
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
     ]

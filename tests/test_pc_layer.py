@@ -16,7 +16,8 @@ from arch.registry import ConfigError
 from data_pipeline import load_eval_set
 from launch.inference import load_model, resolve_checkpoint
 from trainer import Trainer
-from trainer.train_module import TrainModule, evaluate_loss
+from trainer.parallel.grid import Grid
+from trainer.train_module import SingleProcessTrainModule, evaluate_loss
 
 MAX_G = {1: 1.0000, 2: 1.0101, 3: 1.0190, 4: 1.0205}
 FLAT_FROM = {1: 0.913, 2: 0.704, 3: 0.502, 4: 0.407}
@@ -179,7 +180,7 @@ def test_options_are_checked():
 def test_trainer_refreshes_sigma_after_every_step(tmp_path, tiny_data):
     cfg = tiny_config(tmp_path, tiny_data, threads=1)
     cfg.model.preconditioner.name = "pc"
-    module = TrainModule(cfg)
+    module = SingleProcessTrainModule(cfg, Grid.one_process())
     layer = module.model.layers[1].inner.w2
     u0 = layer.u.clone()
     batch = torch.randint(0, 257, (2, 33), generator=torch.Generator().manual_seed(0))

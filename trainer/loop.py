@@ -38,12 +38,13 @@ from trainer import exit_codes
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
 from trainer.metrics import MetricsLogger, ProgressBar
+from trainer.parallel.grid import Grid
 from trainer.plot import plot_losses
 from trainer.rng import rng_state, seed_everything, set_rng_state
 from trainer.run_lock import WAIT_S as RUN_LOCK_WAIT_S
 from trainer.run_lock import RunDirLock
 from trainer.schedules import lr_at
-from trainer.train_module import TrainModule
+from trainer.train_module_base import TrainModule, build_train_module
 
 
 def config_yaml(cfg: RunConfig) -> str:
@@ -158,28 +159,20 @@ class PreemptionWatcher:
 
 
 class Trainer:
-    """Drives a TrainModule; with a ``grid`` (a multi-process launch) the distributed one, and
-    then only global rank 0 logs, plots and writes the shared checkpoint files."""
+    """Drives the TrainModule that `build_train_module` picks for ``grid`` (a multi-process
+    launch's; the one-process grid when none is given), without knowing which. Only global
+    rank 0 logs, plots and writes the shared checkpoint files."""
 
-    def __init__(self, cfg: RunConfig, *, log=print, grid=None) -> None:
+    def __init__(self, cfg: RunConfig, *, log=print, grid: Grid | None = None) -> None:
         self.cfg = cfg
-        self.grid = grid
-        self.main = grid is None or grid.is_main
+        self.grid = grid or Grid.one_process()
+        self.main = self.grid.is_main
         self.log = log if self.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.trainer.run_dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
-        self.accum = grad_accumulation_steps(cfg, world_size=grid.world if grid else 1)
+        self.accum = grad_accumulation_steps(cfg, world_size=self.grid.world)
 
     # ---- set-up -------------------------------------------------------------------------
-    def _barrier(self) -> None:
-        if self.grid is not None:
-            import torch.distributed as dist
-
-            from trainer.parallel.watchdog import operation
-
-            with operation("barrier"):
-                dist.barrier()
-
     def _ensure_data(self) -> dict:
         data = self.cfg.data
         if (
@@ -201,7 +194,7 @@ class Trainer:
                 f"{m['splits']['train']['samples']} train / {m['splits']['eval']['samples']} eval samples "
                 f"in {m['seconds']} s"
             )
-        self._barrier()  # the other ranks wait for rank 0 to prepare the data
+        self.grid.barrier()  # the other ranks wait for rank 0 to prepare the data
         return check_prepared(data, self.cfg.trainer.seq_len, self.cfg.model.vocab_size)
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
@@ -263,7 +256,7 @@ class Trainer:
                 note_reported(str(exc))  # the launcher adds no line of its own
             raise
         except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoints: see _save)
-            if self.grid is None and ckpt.is_disk_full(exc, self.run_dir):
+            if ckpt.is_disk_full(exc, self.run_dir):
                 free = ckpt.free_bytes(self.run_dir)
                 raise UserError(
                     f"disk full: no space left on device in {self.run_dir} "
@@ -303,9 +296,8 @@ class Trainer:
         self.peak_tflops = peak_tflops(t.peak_tflops)
         if cfg.data.document_masking:
             module.eos_id = self.tokenizer.eos_id
-        g = self.grid
         loader = build_train_loader(
-            cfg.data, t.micro_batch_size, data_parallel=(g.dp_rank, g.dp) if g else None
+            cfg.data, t.micro_batch_size, data_parallel=self.grid.data_partition
         )
         eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
         step, tokens = 0, 0
@@ -314,7 +306,7 @@ class Trainer:
             step, tokens = state["step"], state["tokens"]
             if "data" in state:  # imported weights (import-hf, merge-pc) start the data afresh
                 loader.load_state_dict(state["data"])
-            rng = self._rng_of(resume, state)
+            rng = module.saved_rng(resume, state)
             if rng is not None:
                 set_rng_state(rng)
             self.log(f"[resume] from {resume.path} at step {step}{self._layout_change(resume)}")
@@ -330,7 +322,7 @@ class Trainer:
                 f"data {manifest['splits']['train']['tokens'] / 1e6:.1f}M train tokens; "
                 f"{t.global_batch_size} x {t.seq_len} tokens per step ({self.accum} micro-batches); "
                 f"{self.train_flops_per_token / 1e6:.1f} MFLOP per token (fwd+bwd)"
-                + (f"; {g.world} processes: dp {g.dp} x pp {g.pp} x tp {g.tp}" if g else "")
+                + (f"; {module.layout}" if module.layout else "")
             )
         result = TrainResult(
             run_dir=self.run_dir, step=step, resumed_from=resume.path if resume else None
@@ -343,16 +335,14 @@ class Trainer:
         notice = self.run_dir / PREEMPT_FILE
         if self.main:
             notice.unlink(missing_ok=True)  # a notice the previous run already honoured
-        self._barrier()
+        self.grid.barrier()
         try:
             while step < stop:
                 lr = lr_at(step, t.max_steps, cfg.optim)
                 micro_batches = [next(batches) for _ in range(self.accum)]
-                if g is None:
-                    out = module.train_step(micro_batches, lr)
-                else:  # aux metrics are gathered over the ranks only when they are logged
-                    logged = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == stop
-                    out = module.train_step(micro_batches, lr, gather_metrics=logged)
+                # The auxiliary metrics are gathered over the ranks only when they are logged.
+                logged = (step + 1) % t.log_every == 0 or step == 0 or step + 1 == stop
+                out = module.train_step(micro_batches, lr, gather_metrics=logged)
                 step, tokens = step + 1, tokens + tokens_per_step
                 window_tokens += tokens_per_step
                 result.losses[step] = out.loss
@@ -361,7 +351,7 @@ class Trainer:
                 bar.update(out.loss, tps, lr)
                 # One collective a step: a signal may reach the ranks at different steps, and
                 # a stage's gradient norm may blow up alone (DeepSpeed then skips every step).
-                preempted, diverged = self._agreed(preemption.check(), _diverged(out))
+                preempted, diverged = self.grid.any_rank(preemption.check(), _diverged(out))
                 if diverged:
                     raise self._divergence_error(out, step)
                 if step % t.log_every == 0 or step == 1 or step == stop:
@@ -408,8 +398,7 @@ class Trainer:
         tflops = tokens_per_s * self.train_flops_per_token / 1e12
         perf = {"flops": tokens * self.train_flops_per_token, "perf/tflops_per_s": tflops}
         if self.peak_tflops:  # the peak is per device; the throughput is the whole job's
-            devices = self.grid.world if self.grid else 1
-            perf["perf/mfu"] = tflops / (self.peak_tflops * devices)
+            perf["perf/mfu"] = tflops / (self.peak_tflops * self.grid.world)
         return perf
 
     def _batches(self, loader) -> Iterator[torch.Tensor]:
@@ -432,54 +421,17 @@ class Trainer:
                     f"{self.cfg.trainer.micro_batch_size}; use more data or a smaller micro batch"
                 )
 
-    def _build_module(self, resume: ckpt.Checkpoint | None):
+    def _build_module(self, resume: ckpt.Checkpoint | None) -> TrainModule:
         if resume is not None:
             self._check_compatible(resume)
-        if self.grid is None:
-            module = TrainModule(self.cfg)
-            if resume is not None:
-                module.load_checkpoint(resume)
-            return module
-        from trainer.parallel.checkpoint import dense_reader
-        from trainer.parallel.train_module import ParallelTrainModule
-
-        reader = None if resume is None else dense_reader(resume, self.cfg.optim.weight_decay)
-        return ParallelTrainModule(self.cfg, self.grid, self.accum, reader)
-
-    def _rng_of(self, resume: ckpt.Checkpoint, state: dict) -> dict | None:
-        """This rank's RNG from the checkpoint: its own file when the layout is unchanged."""
-        if self.grid is None:
-            return state.get("rng")
-        from trainer.parallel.checkpoint import rng_file
-
-        own = resume.path / rng_file(self.grid.rank)
-        if resume.layout == self._layout() and own.exists():
-            return torch.load(own, weights_only=False)
-        return None  # another layout: ranks do not map one to one; keep this run's seeding
-
-    def _layout(self) -> dict[str, int]:
-        g = self.grid
-        return {"tp": g.tp, "pp": g.pp, "dp": g.dp} if g else {"tp": 1, "pp": 1, "dp": 1}
+        return build_train_module(self.cfg, self.grid, resume)
 
     def _layout_change(self, resume: ckpt.Checkpoint) -> str:
-        theirs = resume.layout or {"tp": 1, "pp": 1, "dp": 1}
-        if theirs == self._layout():
+        theirs, ours = resume.layout or {"tp": 1, "pp": 1, "dp": 1}, self.grid.layout
+        if theirs == ours:
             return ""
         fmt = "tp {tp} x pp {pp} x dp {dp}"
-        return f" (resharded from {fmt.format(**theirs)} to {fmt.format(**self._layout())})"
-
-    def _agreed(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag raised on any rank."""
-        if self.grid is None:
-            return flags
-        import torch.distributed as dist
-
-        from trainer.parallel.watchdog import operation
-
-        t = torch.tensor([float(f) for f in flags])
-        with operation("agree on stopping"):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return tuple(bool(v) for v in t.tolist())
+        return f" (resharded from {fmt.format(**theirs)} to {fmt.format(**ours)})"
 
     def _divergence_error(self, out, step: int) -> UserError:
         """What to do about a non-finite loss or gradient norm, saying only what is true of
@@ -511,17 +463,8 @@ class Trainer:
     def _stop_if_any_failed(self, error: UserError | None) -> None:
         """Every rank stops when any rank raised ``error``: global rank 0 reports it, the others
         stop quietly (one line per job). A collective, so every rank must call it."""
-        if self.grid is None:
-            if error is not None:
-                raise error
-            return
-        import torch.distributed as dist
-
-        from trainer.parallel.watchdog import operation
-
-        messages: list[str | None] = [None] * self.grid.world
-        with operation("share the ranks' errors"):
-            dist.all_gather_object(messages, None if error is None else str(error))
+        message = None if error is None else str(error)
+        messages = self.grid.gather(message, "share the ranks' errors")
         first = next((m for m in messages if m), None)
         if first is None:
             return
@@ -529,66 +472,43 @@ class Trainer:
             raise PeerReported(first)
         raise error if error is not None else UserError(first)
 
-    def _save(self, module, loader, step: int, tokens: int, preemption=None) -> Path:
-        state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
-        if self.grid is None:
-            model_state, optim_state = module.model.state_dict(), module.optimizer.state_dict()
-            tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
-            if preemption is not None:
-                preemption.writing = tmp  # a second signal mid-write removes it
-            try:
-                path = ckpt.save_checkpoint(
-                    self.checkpoints_dir,
-                    step,
-                    model_state,
-                    optim_state,
-                    state,
-                    config_yaml(self.cfg),
-                    write_extra=self.tokenizer.save,
-                )
-                ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
-            except Exception as exc:
-                if not ckpt.is_write_failure(exc, self.checkpoints_dir):
-                    raise
-                full = ckpt.is_disk_full(exc, self.checkpoints_dir)
-                needed = ckpt.tensor_bytes(model_state) + ckpt.tensor_bytes(optim_state)
-                raise ckpt.abandon_checkpoint(
-                    self.checkpoints_dir, step, str(exc), full, needed
-                ) from None
-            finally:
-                if preemption is not None:
-                    preemption.writing = None
-            return path
-        # Every rank writes its shard into step_N.tmp; rank 0 adds the shared files, hashes
-        # everything and renames the directory once all ranks are done. Each phase ends with
-        # the ranks sharing their write errors (instead of a barrier), so a full disk on any
-        # rank stops every rank with one line and no partial checkpoint.
-        tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
-        self._agree_written(step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+    def _save(
+        self, module: TrainModule, loader, step: int, tokens: int, preemption: PreemptionWatcher
+    ) -> Path:
+        """Write checkpoint ``step`` through the module, the same way for every layout.
 
-        def write_shards() -> None:
-            module.save_shards(tmp)
+        Every rank writes its state into step_N.tmp; rank 0 adds the shared files, hashes
+        everything and renames the directory once all ranks are done. Each phase ends with the
+        ranks sharing their write errors (instead of a barrier), so a full disk on any rank
+        stops every rank with one line and no partial checkpoint.
+        """
+        state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
+        tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
+        preemption.writing = tmp  # a second signal mid-write removes it (a failure ends the run)
+        self._agree_written(module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+
+        def write_state() -> None:
+            module.save_state(tmp)
             if self.main:
                 torch.save(state, tmp / ckpt.STATE_FILE)
                 (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
                 self.tokenizer.save(tmp)
 
-        self._agree_written(step, write_shards, every_rank=True)
+        self._agree_written(module, step, write_state, every_rank=True)
 
         def finish() -> None:
-            ckpt.finish_checkpoint(self.checkpoints_dir, step, self._layout())
+            ckpt.finish_checkpoint(self.checkpoints_dir, step, module.checkpoint_layout)
             ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
 
-        self._agree_written(step, finish)
+        self._agree_written(module, step, finish)
+        preemption.writing = None
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
-    def _agree_written(self, step: int, write, every_rank: bool = False) -> None:
+    def _agree_written(
+        self, module: TrainModule, step: int, write, every_rank: bool = False
+    ) -> None:
         """Run ``write`` (on rank 0 only unless ``every_rank``), then stop every rank if it
         failed on any: rank 0 removes the partial checkpoint and reports the failure."""
-        import torch.distributed as dist
-
-        from trainer.parallel.watchdog import operation
-
         failure = None
         if every_rank or self.main:
             try:
@@ -598,17 +518,18 @@ class Trainer:
                     raise  # a failed collective or a bug: not a write to report as one
                 full = ckpt.is_disk_full(exc, self.checkpoints_dir)
                 failure = {"rank": self.grid.rank, "full": full, "error": str(exc)}
-        failures: list[dict | None] = [None] * self.grid.world
-        with operation(f"share the ranks' checkpoint write errors (step {step})"):
-            dist.all_gather_object(failures, failure)
-        failed = [f for f in failures if f]
+        what = f"share the ranks' checkpoint write errors (step {step})"
+        failed = [f for f in self.grid.gather(failure, what) if f]
         if not failed:
             return
         if not self.main:
             raise PeerReported(f"rank {failed[0]['rank']} could not write checkpoint step {step}")
         first = next((f for f in failed if f["full"]), failed[0])
-        cause = f"rank {first['rank']}: {first['error']}"
-        raise ckpt.abandon_checkpoint(self.checkpoints_dir, step, cause, first["full"])
+        # Several ranks: say which one failed; one process has nothing to tell apart.
+        where = f"rank {first['rank']}: " if self.grid.world > 1 else ""
+        raise ckpt.abandon_checkpoint(
+            self.checkpoints_dir, step, where + first["error"], first["full"], module.state_bytes()
+        ) from None
 
 
 def _diverged(out) -> bool:

@@ -1,13 +1,15 @@
-"""The TrainModule: model + optimizer + precision, and what one optimizer step does.
+"""The one-process TrainModule (the whole model, a torch optimizer), and the pieces of a step
+(inputs, autocast, losses, evaluation) the distributed one shares.
 
-The Trainer (`trainer.loop`) owns the *when* (data, schedule, logging, checkpoints); this owns
-the *how* of a step, which is the part the parallel recipes (DP/TP/PP/ZeRO) replace.
+The contract both implement is `trainer.train_module_base.TrainModule`; this one trains the
+one-process grid, and is the reference every layout of the distributed one is tested against.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,32 +20,32 @@ from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
+from trainer.parallel.grid import Grid
+from trainer.train_module_base import StepResult, TrainModule
+
+# The checkpoint format (safetensors, xxhash) is imported where a checkpoint is written or read:
+# benchmarks/gpu_check.py drives this module on a GPU machine that has neither.
+if TYPE_CHECKING:
+    from trainer.checkpoint import Checkpoint
 
 
-@dataclass
-class StepResult:
-    loss: float  # mean loss over the step's micro-batches
-    grad_norm: float  # global gradient norm before clipping
-    # The model's auxiliary losses and diagnostics (MoE balance, z-loss, expert loads), averaged
-    # over the micro-batches; "loss" above stays the LM loss so runs compare across models.
-    metrics: dict[str, float] = field(default_factory=dict)
+class SingleProcessTrainModule(TrainModule):
+    """The whole model on one process (`Grid.one_process`); checkpoints in the one-process
+    format (`trainer.checkpoint.MODEL_FILE`, `OPTIMIZER_FILE`)."""
 
-
-class TrainModule:
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, grid: Grid, checkpoint: Checkpoint | None = None) -> None:
+        super().__init__(cfg, grid, checkpoint)
         # The model lives where it trains (a GPU when there is one); the optimizer's state
         # follows it. Checkpoints are written from CPU copies, so they load anywhere.
-        self.device = default_device()
+        self.device = grid.device
         self.model = build_model(cfg.model, seed=cfg.trainer.seed).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)
         self.aux_counts = aux_loss_counts(cfg.model)
         self.train_flops_per_token = training_flops_per_token(self.model, cfg.trainer.seq_len)
-        # The end-of-document token when packed documents are kept apart (data.document_masking);
-        # set by the Trainer once it knows the tokenizer.
-        self.eos_id: int | None = None
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
 
     def load_checkpoint(self, checkpoint) -> None:
         """Weights and optimizer state from a checkpoint: exactly as saved when one process
@@ -72,7 +74,10 @@ class TrainModule:
             self.model, batch.to(self.device), self.cfg.trainer.precision, self.eos_id
         )
 
-    def train_step(self, micro_batches: list[torch.Tensor], lr: float) -> StepResult:
+    def train_step(
+        self, micro_batches: list[torch.Tensor], lr: float, gather_metrics: bool = True
+    ) -> StepResult:
+        # gather_metrics: one process has its metrics at hand, so they always come back.
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -108,6 +113,35 @@ class TrainModule:
             self.model, samples, micro_batch_size, self.cfg.trainer.precision, self.eos_id
         )
 
+    # ---- checkpoints ----------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        return ""
+
+    @property
+    def checkpoint_layout(self) -> None:
+        return None
+
+    def save_state(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE
+
+        model_state = self.model.state_dict()
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
+            directory / MODEL_FILE,
+        )
+        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+
+    def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
+        return trainer_state.get("rng")  # one process: the main rank's, in the trainer state
+
+    def state_bytes(self) -> int:
+        from trainer.checkpoint import tensor_bytes
+
+        return tensor_bytes(self.model.state_dict()) + tensor_bytes(self.optimizer.state_dict())
+
 
 def post_optimizer_step(model: torch.nn.Module) -> None:
     """Call ``post_optimizer_step()`` on every sub-module that defines it (after each step and
@@ -116,15 +150,6 @@ def post_optimizer_step(model: torch.nn.Module) -> None:
         hook = getattr(module, "post_optimizer_step", None)
         if callable(hook):
             hook()
-
-
-def default_device() -> torch.device:
-    """Where a one-process run trains: the current GPU when there is one, else the CPU."""
-    return (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
 
 
 def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:

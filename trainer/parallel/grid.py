@@ -2,7 +2,8 @@
 
 Process groups come from `megatron.core.parallel_state`; this module starts them from the
 environment any launcher sets (``hybridtron train --nproc-per-node``, torchrun, Slurm, Ray Train)
-and hands DeepSpeed the small ``mpu`` adapter it needs to see the same groups.
+and hands DeepSpeed the small ``mpu`` adapter it needs to see the same groups. A one-process run
+is the degenerate grid (`Grid.one_process`): no process group, and its collectives are identities.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from arch.registry import UserError
+from trainer.parallel.watchdog import operation
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,52 @@ class Grid:
 
     def describe(self) -> str:
         return f"rank {self.rank} (dp {self.dp_rank}, pp {self.pp_rank}, tp {self.tp_rank})"
+
+    @classmethod
+    def one_process(cls) -> Grid:
+        """The grid of a one-process run (world 1), on the current GPU when there is one, else
+        the CPU; it starts no process group."""
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        return cls(1, 0, 1, 1, 1, 0, 0, 0, None, None, device)
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """The layout a checkpoint records and a resume compares: tp, pp and dp sizes."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+    @property
+    def data_partition(self) -> tuple[int, int] | None:
+        """(data-parallel rank, size) the training stream is partitioned over; None for one
+        process, which reads the stream as streaming partitions it (over itself)."""
+        return (self.dp_rank, self.dp) if self.world > 1 else None
+
+    # ---- collectives over the whole world (identities in a one-process run) ------------------
+    def barrier(self, what: str = "barrier") -> None:
+        if self.world > 1:
+            with operation(what):
+                dist.barrier()
+
+    def any_rank(self, *flags: bool, what: str = "agree on stopping") -> tuple[bool, ...]:
+        """Each flag, raised on any rank."""
+        if self.world == 1:
+            return flags
+        t = torch.tensor([float(f) for f in flags])
+        with operation(what):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+    def gather(self, value: Any, what: str) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [value]
+        values: list[Any] = [None] * self.world
+        with operation(what):
+            dist.all_gather_object(values, value)
+        return values
 
 
 def env_world() -> tuple[int, int, int]:

@@ -1,7 +1,7 @@
 """The distributed TrainModule: tensor-parallel stage, 1F1B schedule, one DeepSpeed engine per stage.
 
-Same interface as `trainer.train_module.TrainModule` (``train_step``, ``eval_loss``), so the
-Trainer does not know which it drives. Recipe (measured in ../shared/reference/parallel.md):
+Implements `trainer.train_module_base.TrainModule` for a grid of several processes, so the
+Trainer does not know which module it drives. Recipe (measured in ../shared/reference/parallel.md):
 
 - every rank builds the dense model from the seed, then keeps its tensor-parallel shard of its
   pipeline stage: at step 0 the distributed model is the single-process model, exactly;
@@ -27,9 +27,10 @@ from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, shard_model
 from arch.model_plan import split_for_rank
 from arch.tensor_parallel_plan import DENSE
-from trainer.config import RunConfig
+from trainer.checkpoint import Checkpoint
+from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
-from trainer.parallel.checkpoint import rng_file, write_shard
+from trainer.parallel.checkpoint import dense_reader, rng_file, write_shard
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
@@ -37,7 +38,8 @@ from trainer.parallel.stages import PipelineStage, stage_layer_ranges, state_sha
 from trainer.parallel.tensor_parallel import MegatronTensorParallel
 from trainer.parallel.watchdog import operation
 from trainer.rng import rng_state
-from trainer.train_module import StepResult, autocast, model_inputs, post_optimizer_step
+from trainer.train_module import autocast, model_inputs, post_optimizer_step
+from trainer.train_module_base import StepResult, TrainModule
 
 _TIED_TAG = 17  # point-to-point tag of the tied-embedding gradient and weight transfers
 
@@ -77,13 +79,15 @@ def stage_param_groups(stage: PipelineStage, weight_decay: float) -> list[dict]:
     return out
 
 
-class ParallelTrainModule:
-    """``resume``: a reader of the checkpoint to start from (any layout; see
-    `trainer.parallel.checkpoint.dense_reader`): weights go in before the engine copies them
-    into its fp32 partitions, optimizer moments after."""
+class ParallelTrainModule(TrainModule):
+    """This rank's tensor-parallel shard of its pipeline stage. A ``checkpoint`` of any layout
+    is read through `trainer.parallel.checkpoint.dense_reader`: weights go in before the engine
+    copies them into its fp32 partitions, optimizer moments after."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid, accum: int, resume=None) -> None:
-        self.cfg, self.grid, self.accum = cfg, grid, accum
+    def __init__(self, cfg: RunConfig, grid: Grid, checkpoint: Checkpoint | None = None) -> None:
+        super().__init__(cfg, grid, checkpoint)
+        self.accum = grad_accumulation_steps(cfg, world_size=grid.world)
+        resume = None if checkpoint is None else dense_reader(checkpoint, cfg.optim.weight_decay)
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -114,14 +118,13 @@ class ParallelTrainModule:
                 model=self.stage,
                 optimizer=optimizer,
                 mpu=MegatronMPU(),
-                config=deepspeed_config(cfg, accum, grid.dp),
+                config=deepspeed_config(cfg, self.accum, grid.dp),
                 dist_init_required=False,
             )
         if resume is not None:
             self._load_optimizer(resume)
         post_optimizer_step(self.stage)
         self.link = StageLink(grid.prev_rank, grid.next_rank, grid.device)
-        self.eos_id: int | None = None
         self._first_peer = ps.get_pipeline_model_parallel_first_rank()
         self._last_peer = ps.get_pipeline_model_parallel_last_rank()
 
@@ -270,6 +273,23 @@ class ParallelTrainModule:
         return self._mean_over_pipeline_and_data(total) / len(samples)
 
     # ---- checkpoints --------------------------------------------------------------------
+    @property
+    def layout(self) -> str:
+        g = self.grid
+        return f"{g.world} processes: dp {g.dp} x pp {g.pp} x tp {g.tp}"
+
+    @property
+    def checkpoint_layout(self) -> dict[str, int]:
+        return self.grid.layout
+
+    def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
+        """This rank's own RNG file when the layout is unchanged; under another layout ranks
+        do not map one to one, so this run's seeding stays."""
+        own = checkpoint.path / rng_file(self.grid.rank)
+        if checkpoint.layout == self.grid.layout and own.exists():
+            return torch.load(own, weights_only=False)
+        return None
+
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
 
@@ -294,9 +314,9 @@ class ParallelTrainModule:
             break
         return keys, step
 
-    def save_shards(self, directory: Path) -> None:
-        """Write this rank's part of a checkpoint (collective over the data-parallel group:
-        ZeRO partitions are gathered; data-parallel rank 0 writes)."""
+    def save_state(self, directory: Path) -> None:
+        """This rank's shard and RNG (collective over the data-parallel group: ZeRO partitions
+        are gathered; data-parallel rank 0 writes the shard)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         g = self.grid
