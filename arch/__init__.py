@@ -18,7 +18,6 @@ from arch import (  # noqa: F401  (register built-ins)
     residual_momentum,
 )
 from arch.config import ModelConfig, validate_model_config
-from arch.hf_interop import load_pretrained
 from arch.layers_registry import ATTENTION, FFNS, MIXERS, PRECONDITIONERS, RESIDUALS
 from arch.model import HybridLM, build_model, count_parameters, lm_loss
 
@@ -33,6 +32,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "lm_loss",
-    "load_pretrained",
     "validate_model_config",
 ]

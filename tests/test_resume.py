@@ -45,7 +45,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ckpt.find_latest_checkpoint(run_dir / "checkpoints").model_state()
+    return ckpt.CheckpointReader(ckpt.find_latest_checkpoint(run_dir / "checkpoints")).model_state()
 
 
 def assert_resume_exact(

@@ -310,7 +310,7 @@ class Trainer:
         eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
         step, tokens = 0, 0
         if resume is not None:
-            state = resume.trainer_state()
+            state = ckpt.CheckpointReader(resume).trainer_state()
             step, tokens = state["step"], state["tokens"]
             if "data" in state:  # imported weights (import-hf, merge-pc) start the data afresh
                 loader.load_state_dict(state["data"])
@@ -440,19 +440,16 @@ class Trainer:
             if resume is not None:
                 module.load_checkpoint(resume)
             return module
-        from trainer.parallel.checkpoint import dense_reader
         from trainer.parallel.train_module import ParallelTrainModule
 
-        reader = None if resume is None else dense_reader(resume, self.cfg.optim.weight_decay)
+        reader = None if resume is None else ckpt.CheckpointReader(resume)
         return ParallelTrainModule(self.cfg, self.grid, self.accum, reader)
 
     def _rng_of(self, resume: ckpt.Checkpoint, state: dict) -> dict | None:
         """This rank's RNG from the checkpoint: its own file when the layout is unchanged."""
         if self.grid is None:
             return state.get("rng")
-        from trainer.parallel.checkpoint import rng_file
-
-        own = resume.path / rng_file(self.grid.rank)
+        own = resume.path / ckpt.rng_file(self.grid.rank)
         if resume.layout == self._layout() and own.exists():
             return torch.load(own, weights_only=False)
         return None  # another layout: ranks do not map one to one; keep this run's seeding
@@ -493,9 +490,7 @@ class Trainer:
         else:
             what = "loss or gradient norm is not finite on another rank"
         t, lr = self.cfg.trainer, self.cfg.optim.lr
-        done = [
-            p for p in ckpt.list_checkpoints(self.checkpoints_dir) if (p / ckpt.MANIFEST).exists()
-        ]
+        done = ckpt.completed_checkpoints(self.checkpoints_dir)
         fix = f"Lower optim.lr (now {lr:g}; e.g. optim.lr={lr / 10:g})"
         if t.precision != "fp32":
             fix += f" or use trainer.precision=fp32 (now {t.precision})"
@@ -569,9 +564,7 @@ class Trainer:
         def write_shards() -> None:
             module.save_shards(tmp)
             if self.main:
-                torch.save(state, tmp / ckpt.STATE_FILE)
-                (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
-                self.tokenizer.save(tmp)
+                ckpt.write_shared(tmp, state, config_yaml(self.cfg), self.tokenizer.save)
 
         self._agree_written(step, write_shards, every_rank=True)
 

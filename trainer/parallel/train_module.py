@@ -25,9 +25,9 @@ from arch import build_model, count_parameters
 from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
+from trainer.checkpoint import CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig
 from trainer.optim import OPTIMIZERS, param_groups
-from trainer.parallel.checkpoint import rng_file, write_shard
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
@@ -80,11 +80,12 @@ def stage_param_groups(stage: PipelineStage, weight_decay: float) -> list[dict]:
 
 
 class ParallelTrainModule:
-    """``resume``: a reader of the checkpoint to start from (any layout; see
-    `trainer.parallel.checkpoint.dense_reader`): weights go in before the engine copies them
-    into its fp32 partitions, optimizer moments after."""
+    """``resume``: the reader of the checkpoint to start from (any layout): weights go in
+    before the engine copies them into its fp32 partitions, optimizer moments after."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid, accum: int, resume=None) -> None:
+    def __init__(
+        self, cfg: RunConfig, grid: Grid, accum: int, resume: CheckpointReader | None = None
+    ) -> None:
         self.cfg, self.grid, self.accum = cfg, grid, accum
         from megatron.core import parallel_state as ps
 
