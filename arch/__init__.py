@@ -1,7 +1,9 @@
 """arch: the models. Blocks, mixers, FFNs, residual updates, preconditioners and their registries.
 
-Imports only torch and the standard library; never `trainer`, `launch` or `data_pipeline`.
-`arch.registry` is the dependency-free leaf that every package may import.
+Imports only torch and the standard library (safetensors lazily, for `arch.hf`); never
+`trainer`, `launch` or `data_pipeline`, not even inside a function. `arch.registry` is the
+dependency-free leaf that every package may import, `data_pipeline` included (the one module of
+`arch` it may import). Enforced by tests/test_package_rules.py.
 """
 
 from arch import (  # noqa: F401  (register built-ins)
