@@ -208,3 +208,25 @@ def test_training_continues_from_imported_weights(tmp_path, tiny_data):
                  "optim.warmup_steps=1", "trainer.progress=false", "trainer.eval_batches=1"]  # fmt: skip
     assert main(["train", str(run / "config.yaml"), *overrides]) == 0
     assert verify_checkpoint(run / "checkpoints" / "step_00000003").step == 3
+
+
+def test_a_family_is_one_adapter_class(imported):
+    """What a new family's file holds: an adapter subclass registered for its model_type."""
+    from arch.hf.base import register_family
+    from arch.hf.llama import LlamaAdapter
+
+    class MistralAdapter(LlamaAdapter):  # Llama's layers; its own name (sliding window: off)
+        model_type = "mistral"
+        architecture = "MistralForCausalLM"
+
+        def exports(self, mixers: list[str], ffns: list[str]) -> bool:
+            return False  # export keeps choosing Llama
+
+    hf = {**read_hf_config(imported["llama"][1]), "model_type": "mistral", "sliding_window": None}
+    with pytest.raises(HFInteropError, match="model_type"):
+        config_from_hf(hf)
+    register_family(MistralAdapter)
+    try:
+        assert config_from_hf(hf) == config_from_hf(read_hf_config(imported["llama"][1]))
+    finally:
+        del FAMILIES["mistral"]

@@ -449,9 +449,8 @@ class Trainer:
         """This rank's RNG from the checkpoint: its own file when the layout is unchanged."""
         if self.grid is None:
             return state.get("rng")
-        own = resume.path / ckpt.rng_file(self.grid.rank)
-        if resume.layout == self._layout() and own.exists():
-            return torch.load(own, weights_only=False)
+        if resume.layout == self._layout():
+            return ckpt.CheckpointReader(resume).rank_rng(self.grid.rank)
         return None  # another layout: ranks do not map one to one; keep this run's seeding
 
     def _layout(self) -> dict[str, int]:
