@@ -1,7 +1,9 @@
 """arch: the models. Blocks, mixers, FFNs, residual updates, preconditioners and their registries.
 
-Imports only torch and the standard library; never `trainer`, `launch` or `data_pipeline`.
-`arch.registry` is the dependency-free leaf that every package may import.
+Imports only torch and the standard library (safetensors lazily, for `arch.hf`); never
+`trainer`, `launch` or `data_pipeline`, not even inside a function. `arch.registry` is the
+dependency-free leaf that every package may import, `data_pipeline` included (the one module of
+`arch` it may import). Enforced by tests/test_package_rules.py.
 """
 
 from arch import (  # noqa: F401  (register built-ins)
@@ -18,7 +20,6 @@ from arch import (  # noqa: F401  (register built-ins)
     residual_momentum,
 )
 from arch.config import ModelConfig, validate_model_config
-from arch.hf_interop import load_pretrained
 from arch.layers_registry import ATTENTION, FFNS, MIXERS, PRECONDITIONERS, RESIDUALS
 from arch.model import HybridLM, build_model, count_parameters, lm_loss
 
@@ -33,6 +34,5 @@ __all__ = [
     "build_model",
     "count_parameters",
     "lm_loss",
-    "load_pretrained",
     "validate_model_config",
 ]

@@ -4,7 +4,7 @@
 
 A tiny random JambaForCausalLM (hidden 64, 8 layers: Mamba-1 with dt/B/C norms, attention at
 layer 4, MoE 4 experts top-2 on odd layers; transformers' pure-PyTorch path, as on any machine
-without mamba_ssm) is converted with `arch.hf_jamba.from_hf_jamba`; both models run the same
+without mamba_ssm) is converted with `arch.hf.from_hf`; both models run the same
 batch in the same process, with the same threads, in interleaved repeats (best kept). The
 logits are checked to agree first. The last line is `speedup_vs_hf=X.XX` (fwd+bwd time of
 transformers / hybridtron).
@@ -20,7 +20,7 @@ import torch
 from transformers import JambaConfig, JambaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from arch.hf_jamba import from_hf_jamba
+from arch.hf import from_hf
 
 
 def fwd_bwd_seconds(model: torch.nn.Module, ids: torch.Tensor, hf: bool) -> float:
@@ -46,7 +46,7 @@ def main() -> None:
         mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, use_mamba_kernels=False,
         max_position_embeddings=4096,
     )).train()  # fmt: skip
-    ours = from_hf_jamba(hf).train()
+    ours = from_hf(hf).train()
     ids = torch.randint(1, 256, (args.batch, args.seq_len))
     with torch.no_grad():
         diff = (hf(ids).logits - ours(ids)).abs().max().item()

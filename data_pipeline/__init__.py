@@ -1,7 +1,8 @@
 """data_pipeline: tokenizers, corpus -> MDS shards, streaming loaders.
 
 Imports torch, numpy and mosaicml-streaming, plus the dependency-free `arch.registry` leaf for
-the shared Registry and error types; never `trainer`, `launch` or the rest of `arch`.
+the shared Registry and error types; never `trainer`, `launch` or the rest of `arch`, not even
+inside a function (enforced by tests/test_package_rules.py).
 """
 
 from data_pipeline import corpora, tokenizers  # noqa: F401  (register built-ins)

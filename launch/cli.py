@@ -462,11 +462,10 @@ def _print_summary(cfg, result, command: Sequence[str]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from data_pipeline import check_prepared, load_eval_set
-    from launch.inference import load_model, resolve_checkpoint
+    from trainer.checkpoint import load_model
     from trainer.train_module import evaluate_loss
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, cfg = load_model(checkpoint)
+    model, cfg, checkpoint = load_model(args.checkpoint)
     if args.data:
         cfg.data.path = args.data
     check_prepared(cfg.data, cfg.trainer.seq_len, cfg.model.vocab_size)
@@ -493,14 +492,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from arch.generate import generate
     from data_pipeline.tokenizers import load_tokenizer
-    from launch.inference import load_model, resolve_checkpoint
+    from trainer.checkpoint import load_model
 
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model, cfg = load_model(checkpoint)
+    model, cfg, checkpoint = load_model(args.checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer, str(checkpoint.path))  # saved with the weights
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

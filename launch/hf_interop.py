@@ -1,4 +1,4 @@
-"""`hybridtron import-hf HF_DIR OUT` and `hybridtron export-hf CKPT OUT` (mapping: arch.hf_interop).
+"""`hybridtron import-hf HF_DIR OUT` and `hybridtron export-hf CKPT OUT` (mapping: arch.hf).
 
 import-hf writes a run directory ``OUT`` (config.yaml + checkpoints/step_00000000) whose model
 section expresses the HF architecture; the optimizer state is a fresh one (no moments) and the
@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from arch import build_model
-from arch.hf_interop import export_hf_dir, import_hf_dir, read_hf_config
+from arch.hf import export_hf_dir, import_hf_dir, read_hf_config
 from arch.registry import UserError
-from launch.inference import resolve_checkpoint, run_config_of
 from trainer import checkpoint as ckpt
 from trainer.config import RunConfig
 from trainer.loop import config_yaml
@@ -63,10 +62,9 @@ def import_hf(hf_dir: str, out: str) -> Path:
 
 
 def export_hf(checkpoint_path: str, out: str) -> Path:
-    """Write config.json + model.safetensors of the checkpoint as Llama / Mixtral / Jamba."""
-    checkpoint = resolve_checkpoint(checkpoint_path)
-    cfg = run_config_of(checkpoint)
-    out_dir = export_hf_dir(cfg.model, checkpoint.model_state(), out)
+    """Write config.json + model.safetensors of the checkpoint as its Hugging Face family."""
+    model, cfg, checkpoint = ckpt.load_model(checkpoint_path)
+    out_dir = export_hf_dir(cfg.model, model.state_dict(), out)
     for name in TOKENIZER_FILES:
         if (checkpoint.path / name).exists():
             shutil.copy(checkpoint.path / name, out_dir / name)

@@ -18,7 +18,6 @@ from arch import build_model
 from arch.config import PreconditionerConfig
 from arch.pc_layer import PCLinear, merge_pc
 from arch.registry import UserError
-from launch.inference import load_model, resolve_checkpoint
 from trainer import checkpoint as ckpt
 from trainer.loop import config_yaml
 from trainer.optim import build_optimizer
@@ -26,11 +25,10 @@ from trainer.optim import build_optimizer
 
 def merge_pc_checkpoint(source: str, out: str) -> Path:
     """Write the merged checkpoint of ``source`` under run directory ``out``; returns its path."""
-    checkpoint = resolve_checkpoint(source)
+    model, cfg, checkpoint = ckpt.load_model(source)
     out_dir = Path(out)
     if ckpt.list_checkpoints(out_dir / "checkpoints"):
         raise UserError(f"{out_dir} already holds checkpoints; give a new output directory")
-    model, cfg = load_model(checkpoint)
     if not any(isinstance(m, PCLinear) for m in model.modules()):
         raise UserError(
             f"checkpoint {checkpoint.path} has no PC layers (model.preconditioner.name="
@@ -59,6 +57,6 @@ def merge_pc_checkpoint(source: str, out: str) -> Path:
         checkpoint.step,
         state,
         optimizer_state,
-        checkpoint.trainer_state(),
+        ckpt.CheckpointReader(checkpoint).trainer_state(),
         yaml,
     )

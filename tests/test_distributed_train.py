@@ -12,9 +12,8 @@ import psutil
 import pytest
 import torch
 
-from arch import load_pretrained
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
-from trainer.checkpoint import verify_checkpoint
+from trainer.checkpoint import CheckpointReader, load_pretrained, verify_checkpoint
 
 # A checkpoint resumed under another layout trains steps 3-4 with other reduction orders:
 # measured <= 9.3e-8 relative in the losses (1 and 2 threads, ATen default kernels with
@@ -59,7 +58,7 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     names = {p.name for p in ckpt.path.iterdir()}
     shards = {f"shard-pp{p}-tp{t}.safetensors" for p in range(2) for t in range(2)}
     assert shards | {f"rng-rank{r}.pt" for r in range(4)} <= names
-    dense = ckpt.model_state()  # merged from the four shards
+    dense = CheckpointReader(ckpt).model_state()  # merged from the four shards
     assert (
         dense["layers.2.inner.in_proj.weight"].shape[0] == 2 * 64
     )  # [x; z] of d_inner 64, whole again

@@ -1,5 +1,5 @@
 """Hugging Face interop: tiny random Llama, Mixtral and Jamba saved by transformers, imported
-through the CLI (`hybridtron import-hf`), loaded with `arch.load_pretrained`: fp32 logits (and,
+through the CLI (`hybridtron import-hf`), loaded with `trainer.checkpoint.load_pretrained`: fp32 logits (and,
 for Llama and Jamba, gradients) match transformers; `export-hf` gives a directory transformers
 loads with identical logits; configs we cannot express fail naming the HF field."""
 
@@ -21,16 +21,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from arch import load_pretrained
-from arch.hf_interop import (
-    HFInteropError,
-    config_from_hf,
-    hf_config_from,
-    read_hf_config,
-    state_dict_from_hf,
-)
+from arch.hf import FAMILIES, HFInteropError, config_from_hf, config_to_hf, read_hf_config
 from launch.cli import main
-from trainer.checkpoint import verify_checkpoint
+from trainer.checkpoint import CheckpointReader, load_pretrained, verify_checkpoint
 
 VOCAB = 200  # not a multiple of 128: the embedding is not padded
 COMMON = dict(
@@ -115,7 +108,8 @@ def test_import_gives_transformers_logits(imported, family):
         assert model_cfg["norm_eps"] == 1e-5 and model_cfg["vocab_pad_multiple"] == VOCAB
     if family != "llama":
         assert model_cfg["moe"]["renormalize"] == (family == "mixtral")
-    assert checkpoint.trainer_state()["step"] == 0 and not checkpoint.optimizer_state()["state"]
+    reader = CheckpointReader(checkpoint)
+    assert reader.trainer_state()["step"] == 0 and not reader.torch_optimizer_state()["state"]
     ours = load_pretrained(run)
     assert not ours.training
     ids = _ids()
@@ -140,7 +134,7 @@ def test_gradients_match_transformers(imported, family):
     loss_of(hf_model(input_ids=ids, use_cache=False).logits).backward()
     loss_of(ours(ids)).backward()
     theirs = {n: p.grad for n, p in hf_model.named_parameters()}
-    hf_grads = state_dict_from_hf(theirs, ours.cfg, family)
+    hf_grads = FAMILIES[family].from_hf(theirs, ours.cfg)
     for name, p in ours.named_parameters():
         # Measured <= 3.7e-8 over 1/2 threads and default/avx2/avx512 kernels (270x).
         torch.testing.assert_close(p.grad, hf_grads[name], rtol=0, atol=1e-5, msg=name)
@@ -189,15 +183,15 @@ def test_export_refuses_what_hf_cannot_express(imported):
     cfg = load_pretrained(imported["jamba"][2]).cfg
     cfg.residual.name = "momentum"
     with pytest.raises(HFInteropError, match="residual.name"):
-        hf_config_from(cfg)
+        config_to_hf(cfg)
     cfg = load_pretrained(imported["llama"][2]).cfg
     cfg.pattern = "*-*E"  # neither Llama (all MLP) nor Mixtral (all MoE)
     with pytest.raises(HFInteropError, match="Mixtral"):
-        hf_config_from(cfg)
+        config_to_hf(cfg)
     cfg.pattern = "M-*-*-M-"  # attention at layers 1, 2: no (period, offset)
     cfg.attention.rope = False
     with pytest.raises(HFInteropError, match="period/offset"):
-        hf_config_from(cfg)
+        config_to_hf(cfg)
 
 
 def test_training_continues_from_imported_weights(tmp_path, tiny_data):
@@ -214,3 +208,25 @@ def test_training_continues_from_imported_weights(tmp_path, tiny_data):
                  "optim.warmup_steps=1", "trainer.progress=false", "trainer.eval_batches=1"]  # fmt: skip
     assert main(["train", str(run / "config.yaml"), *overrides]) == 0
     assert verify_checkpoint(run / "checkpoints" / "step_00000003").step == 3
+
+
+def test_a_family_is_one_adapter_class(imported):
+    """What a new family's file holds: an adapter subclass registered for its model_type."""
+    from arch.hf.base import register_family
+    from arch.hf.llama import LlamaAdapter
+
+    class MistralAdapter(LlamaAdapter):  # Llama's layers; its own name (sliding window: off)
+        model_type = "mistral"
+        architecture = "MistralForCausalLM"
+
+        def exports(self, mixers: list[str], ffns: list[str]) -> bool:
+            return False  # export keeps choosing Llama
+
+    hf = {**read_hf_config(imported["llama"][1]), "model_type": "mistral", "sliding_window": None}
+    with pytest.raises(HFInteropError, match="model_type"):
+        config_from_hf(hf)
+    register_family(MistralAdapter)
+    try:
+        assert config_from_hf(hf) == config_from_hf(read_hf_config(imported["llama"][1]))
+    finally:
+        del FAMILIES["mistral"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import JambaConfig, JambaForCausalLM
 from transformers.utils import logging as hf_logging
 
-from arch.hf_jamba import config_from_hf, from_hf_jamba, state_dict_from_hf
+from arch.hf import FAMILIES, HFInteropError, config_from_hf, from_hf
 from arch.layouts import jamba_pattern
 
 VOCAB = 256
@@ -69,7 +69,7 @@ def test_config_carries_jambas_semantics(hf_jamba):
 
 
 def test_logits_and_gradients_match_hugging_face(hf_jamba):
-    ours = from_hf_jamba(hf_jamba, **{"mamba.scan": "cpu"}).eval()
+    ours = from_hf(hf_jamba, **{"mamba.scan": "cpu"}).eval()
     ids = torch.randint(1, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))  # no pad id
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,8 @@ def test_logits_and_gradients_match_hugging_face(hf_jamba):
     assert (out - ref).abs().max() < 1e-4  # measured <= 2.4e-7 over threads/kernels (400x)
 
     # HF's gradients, renamed and re-laid-out exactly as its weights were.
-    hf_grads = state_dict_from_hf({n: p.grad for n, p in hf_jamba.named_parameters()}, ours.cfg)
+    grads = {n: p.grad for n, p in hf_jamba.named_parameters()}
+    hf_grads = FAMILIES["jamba"].from_hf(grads, ours.cfg)
     for name, p in ours.named_parameters():
         theirs = hf_grads[name]
         mine = p.grad[:VOCAB] if name in ("embed.weight", "head.weight") else p.grad
@@ -97,8 +98,8 @@ def test_on_disk_checkpoint_converts_to_the_same_model(hf_jamba, tmp_path):
     hf_jamba.save_pretrained(tmp_path)
     on_disk = load_file(str(tmp_path / "model.safetensors"))
     assert any(".experts.0.gate_proj." in k for k in on_disk)
-    from_disk = from_hf_jamba(on_disk, hf_jamba.config)
-    from_memory = from_hf_jamba(hf_jamba)
+    from_disk = from_hf(on_disk, hf_jamba.config)
+    from_memory = from_hf(hf_jamba)
     for (name, a), b in zip(
         from_disk.state_dict().items(), from_memory.state_dict().values(), strict=True
     ):
@@ -108,8 +109,8 @@ def test_on_disk_checkpoint_converts_to_the_same_model(hf_jamba, tmp_path):
 def test_unmapped_or_unsupported_weights_are_refused(hf_jamba):
     state = dict(hf_jamba.state_dict())
     state["model.layers.0.mamba.in_proj.bias"] = torch.zeros(256)
-    with pytest.raises(ValueError, match="not mapped"):
-        from_hf_jamba(state, hf_jamba.config)
+    with pytest.raises(HFInteropError, match="not mapped"):
+        from_hf(state, hf_jamba.config)
     bad = JambaConfig(**{**hf_jamba.config.to_dict(), "mamba_proj_bias": True})
-    with pytest.raises(ValueError, match="mamba_proj_bias"):
+    with pytest.raises(HFInteropError, match="mamba_proj_bias"):
         config_from_hf(bad)

@@ -14,8 +14,8 @@ from arch import ModelConfig, build_model, validate_model_config
 from arch.pc_layer import PC_COEFFS, PCLinear, merge_pc, pc_polynomial
 from arch.registry import ConfigError
 from data_pipeline import load_eval_set
-from launch.inference import load_model, resolve_checkpoint
 from trainer import Trainer
+from trainer.checkpoint import load_model, resolve_checkpoint
 from trainer.parallel.grid import Grid
 from trainer.train_module import SingleProcessTrainModule, evaluate_loss
 
@@ -221,8 +221,8 @@ def test_merge_pc_cli(pc_run, tmp_path):
     assert merged_ckpt.step == original.step
 
     # Eval loss of the merged plain model equals the PC model's (fp32), in process ...
-    pc_model, cfg = load_model(original)
-    plain_model, plain_cfg = load_model(merged_ckpt)
+    pc_model, cfg, _ = load_model(original.path)
+    plain_model, plain_cfg, _ = load_model(merged_ckpt.path)
     assert not any(isinstance(m, PCLinear) for m in plain_model.modules())
     samples = load_eval_set(cfg.data, 16)
     a = evaluate_loss(pc_model, samples, 4, "fp32")

@@ -17,8 +17,7 @@ import pytest
 from launch.spawn import job_outcome
 from tests.conftest import REPO, cli_in_background, tiny_run_args, wait_until
 from trainer import exit_codes
-from trainer.checkpoint import verify_checkpoint
-from trainer.parallel.checkpoint import rng_file
+from trainer.checkpoint import rng_file, verify_checkpoint
 
 MODEL = ["model.pattern=*-*-", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2"]
 RANKS = 4

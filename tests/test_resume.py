@@ -17,6 +17,7 @@ from conftest import REPO, TINY_SEQ_LEN, run_cli, tiny_config
 
 from arch.registry import UserError
 from data_pipeline import DataConfig, prepare_data
+from data_pipeline.integrity import file_xxh64
 from trainer import Trainer
 from trainer import checkpoint as ckpt
 
@@ -45,7 +46,7 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return ckpt.find_latest_checkpoint(run_dir / "checkpoints").model_state()
+    return ckpt.CheckpointReader(ckpt.find_latest_checkpoint(run_dir / "checkpoints")).model_state()
 
 
 def assert_resume_exact(
@@ -268,7 +269,7 @@ def test_checkpoint_from_before_a_new_model_field_still_resumes(tmp_path, tiny_d
     manifest = json.loads(manifest_file.read_text())
     manifest["files"]["config.yaml"] = {
         "bytes": config_file.stat().st_size,
-        "xxh64": ckpt.file_xxh64(config_file),
+        "xxh64": file_xxh64(config_file),
     }
     manifest_file.write_text(json.dumps(manifest))
     result = Trainer(tiny_config(run, tiny_data, max_steps=8)).fit()

@@ -302,7 +302,7 @@ class Trainer:
         eval_set = load_eval_set(cfg.data, t.eval_batches * t.micro_batch_size)
         step, tokens = 0, 0
         if resume is not None:
-            state = resume.trainer_state()
+            state = ckpt.CheckpointReader(resume).trainer_state()
             step, tokens = state["step"], state["tokens"]
             if "data" in state:  # imported weights (import-hf, merge-pc) start the data afresh
                 loader.load_state_dict(state["data"])
@@ -445,9 +445,7 @@ class Trainer:
         else:
             what = "loss or gradient norm is not finite on another rank"
         t, lr = self.cfg.trainer, self.cfg.optim.lr
-        done = [
-            p for p in ckpt.list_checkpoints(self.checkpoints_dir) if (p / ckpt.MANIFEST).exists()
-        ]
+        done = ckpt.completed_checkpoints(self.checkpoints_dir)
         fix = f"Lower optim.lr (now {lr:g}; e.g. optim.lr={lr / 10:g})"
         if t.precision != "fp32":
             fix += f" or use trainer.precision=fp32 (now {t.precision})"
@@ -490,9 +488,7 @@ class Trainer:
         def write_state() -> None:
             module.save_state(tmp)
             if self.main:
-                torch.save(state, tmp / ckpt.STATE_FILE)
-                (tmp / ckpt.CONFIG_FILE).write_text(config_yaml(self.cfg))
-                self.tokenizer.save(tmp)
+                ckpt.write_shared(tmp, state, config_yaml(self.cfg), self.tokenizer.save)
 
         self._agree_written(module, step, write_state, every_rank=True)
 

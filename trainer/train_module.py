@@ -18,6 +18,7 @@ from arch.aux_losses import recording
 from arch.documents import document_ids
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
+from trainer.checkpoint import Checkpoint, CheckpointReader
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 from trainer.parallel.grid import Grid
@@ -47,27 +48,12 @@ class SingleProcessTrainModule(TrainModule):
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
 
-    def load_checkpoint(self, checkpoint) -> None:
-        """Weights and optimizer state from a checkpoint: exactly as saved when one process
-        wrote it; merged from the shards of a multi-process checkpoint otherwise."""
-        self.model.load_state_dict(checkpoint.model_state(), strict=True)
-        if not checkpoint.sharded:
-            self.optimizer.load_state_dict(checkpoint.optimizer_state())
-            return
-        from trainer.parallel.checkpoint import ShardedCheckpoint
-
-        reader = ShardedCheckpoint(checkpoint)
-        step = reader.optimizer_step()
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        state = self.optimizer.state_dict()
-        index = 0
-        for group in self.optimizer.param_groups:
-            for param in group["params"]:
-                moments = reader.moments(names[id(param)])
-                if moments:
-                    state["state"][index] = {"step": torch.tensor(float(step)), **moments}
-                index += 1
-        self.optimizer.load_state_dict(state)
+    def load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Weights and optimizer state from a checkpoint of any layout: exactly as saved when
+        one process wrote it; merged from the shards of a multi-process checkpoint otherwise."""
+        reader = CheckpointReader(checkpoint)
+        self.model.load_state_dict(reader.model_state(), strict=True)
+        self.optimizer.load_state_dict(reader.optimizer_state_for(self.model, self.optimizer))
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         return batch_loss(

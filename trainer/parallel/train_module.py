@@ -27,10 +27,9 @@ from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, shard_model
 from arch.model_plan import split_for_rank
 from arch.tensor_parallel_plan import DENSE
-from trainer.checkpoint import Checkpoint
+from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
-from trainer.parallel.checkpoint import dense_reader, rng_file, write_shard
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
@@ -81,13 +80,13 @@ def stage_param_groups(stage: PipelineStage, weight_decay: float) -> list[dict]:
 
 class ParallelTrainModule(TrainModule):
     """This rank's tensor-parallel shard of its pipeline stage. A ``checkpoint`` of any layout
-    is read through `trainer.parallel.checkpoint.dense_reader`: weights go in before the engine
+    is read through `trainer.checkpoint.CheckpointReader`: weights go in before the engine
     copies them into its fp32 partitions, optimizer moments after."""
 
     def __init__(self, cfg: RunConfig, grid: Grid, checkpoint: Checkpoint | None = None) -> None:
         super().__init__(cfg, grid, checkpoint)
         self.accum = grad_accumulation_steps(cfg, world_size=grid.world)
-        resume = None if checkpoint is None else dense_reader(checkpoint, cfg.optim.weight_decay)
+        resume = None if checkpoint is None else CheckpointReader(checkpoint)
         from megatron.core import parallel_state as ps
 
         self.ps = ps
@@ -285,10 +284,9 @@ class ParallelTrainModule(TrainModule):
     def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
         """This rank's own RNG file when the layout is unchanged; under another layout ranks
         do not map one to one, so this run's seeding stays."""
-        own = checkpoint.path / rng_file(self.grid.rank)
-        if checkpoint.layout == self.grid.layout and own.exists():
-            return torch.load(own, weights_only=False)
-        return None
+        if checkpoint.layout != self.grid.layout:
+            return None
+        return CheckpointReader(checkpoint).rank_rng(self.grid.rank)
 
     def _inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)

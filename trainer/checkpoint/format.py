@@ -1,0 +1,162 @@
+"""The layout of a checkpoint directory: file names, the manifest, and its verification.
+
+Layout of ``run_dir/checkpoints``::
+
+    step_00000100/            the files below, manifest.json last
+    step_00000200/
+    latest                    "step_00000200", replaced atomically after the directory is complete
+
+Files of ``step_N/`` written by one process::
+
+    model.safetensors, optimizer.pt (the torch optimizer's state dict)
+
+and by a multi-process run (the manifest then records ``"layout": {"tp", "pp", "dp"}``)::
+
+    shard-pp{p}-tp{t}.safetensors   fp32 weights of stage p, tensor rank t, under their dense names
+    optim-pp{p}-tp{t}.pt            {"step": n, "state": {name: {"exp_avg": ..., ...}}}
+    rng-rank{r}.pt                  python / numpy / torch RNG of global rank r
+
+plus, in both: state.pt (step, tokens, RNG of one process, data-loader position), config.yaml,
+the tokenizer. A checkpoint is written into ``step_N.tmp`` and renamed, so a directory named
+``step_N`` is only ever complete; ``manifest.json`` (the complete marker) is written last inside
+it and lists every file's size and xxh64, so truncation or bit rot is caught on load instead of
+half-loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from arch.config import ModelConfig
+from arch.registry import UserError
+from data_pipeline.integrity import file_xxh64
+from trainer.config import RunConfig
+
+FORMAT = "hybridtron-checkpoint/1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)\.safetensors$")
+OPTIM_SHARD_GLOB = "optim-pp*-tp*.pt"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupt or written for another model."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def tmp_dir(checkpoints_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before it is complete."""
+    return checkpoints_dir / (step_dir_name(step) + ".tmp")
+
+
+def shard_file(pp_rank: int, tp_rank: int) -> str:
+    return f"shard-pp{pp_rank}-tp{tp_rank}.safetensors"
+
+
+def optim_file(pp_rank: int, tp_rank: int) -> str:
+    return f"optim-pp{pp_rank}-tp{tp_rank}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint directory: where it is, its step, config and layout.
+
+    Reading its tensors is `trainer.checkpoint.reader.CheckpointReader`'s job.
+    """
+
+    path: Path
+    step: int
+    config: dict  # the resolved run config it was written with
+    layout: dict[str, int] | None = None  # tp, pp, dp of a sharded (multi-process) checkpoint
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout is not None
+
+    def run_config(self) -> RunConfig:
+        """The run config it was written with, over today's defaults (fields added since then
+        take their default; sections this version does not know are dropped)."""
+        schema = OmegaConf.structured(RunConfig)
+        stored = {k: v for k, v in self.config.items() if k in schema}
+        return OmegaConf.to_object(OmegaConf.merge(schema, stored))
+
+    def model_config(self) -> ModelConfig:
+        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), self.config.get("model", {}))
+        cfg = OmegaConf.to_object(merged)
+        assert isinstance(cfg, ModelConfig)
+        return cfg
+
+
+def manifest_of(directory: Path, step: int, layout: dict[str, int] | None) -> dict[str, Any]:
+    """The manifest of a written checkpoint directory: every file's size and xxh64."""
+    files = {
+        p.name: {"bytes": p.stat().st_size, "xxh64": file_xxh64(p)}
+        for p in sorted(directory.iterdir())
+    }
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": files}
+    if layout is not None:
+        manifest["layout"] = layout
+    return manifest
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` carries the complete marker (its manifest); not a verification."""
+    return (path / MANIFEST).exists()
+
+
+def verify_checkpoint(path: str | Path) -> Checkpoint:
+    """Check that ``path`` is a complete hybridtron checkpoint; raise CheckpointError if not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists():
+        raise CheckpointError(
+            f"{path} is not a complete hybridtron checkpoint ({MANIFEST} missing): it was "
+            f"written by another tool or interrupted; resume from another checkpoint"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(
+            f"{manifest_file} is corrupt ({exc}); resume from another checkpoint"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint {path} lacks {name}; resume from another checkpoint")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} is {size} bytes, the manifest says {expected['bytes']} "
+                f"(truncated?); resume from another checkpoint"
+            )
+        if file_xxh64(file) != expected["xxh64"]:
+            raise CheckpointError(
+                f"checkpoint {path}: {name} does not match its xxh64 in the manifest (corrupt); "
+                f"resume from another checkpoint"
+            )
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))
+    return Checkpoint(
+        path=path, step=int(manifest["step"]), config=config, layout=manifest.get("layout")
+    )

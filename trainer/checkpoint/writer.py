@@ -1,0 +1,152 @@
+"""Atomic checkpoint writes: what each rank holds, the shared files, then the complete marker.
+
+A write has three phases: `begin_checkpoint` (a fresh ``step_N.tmp``), every rank writing what
+it holds (`write_rank`: weights and optimizer state) plus one rank the shared files
+(`write_shared`), and `finish_checkpoint` (manifest, rename to ``step_N``, ``latest``). A
+multi-process run drives the phases itself, with its ranks agreeing between them; one process
+is the degenerate one-rank case, `save_checkpoint`, whose one "shard" is the whole model and
+the torch optimizer's own state dict (``model.safetensors``, ``optimizer.pt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.checkpoint.discovery import list_checkpoints
+from trainer.checkpoint.format import (
+    CONFIG_FILE,
+    LATEST,
+    MANIFEST,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    manifest_of,
+    optim_file,
+    shard_file,
+    step_dir_name,
+    tmp_dir,
+)
+
+
+def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
+    """A fresh ``step_N.tmp`` directory to write a checkpoint into (a stale one is removed)."""
+    tmp = tmp_dir(checkpoints_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank(
+    directory: Path,
+    weights_file: str,
+    weights: dict[str, torch.Tensor],
+    optimizer_file: str,
+    optimizer_state: dict,
+) -> None:
+    """What one rank holds: its weights (safetensors, CPU copies) and its optimizer state."""
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / weights_file
+    )
+    torch.save(optimizer_state, directory / optimizer_file)
+
+
+def write_shard(
+    directory: Path,
+    pp_rank: int,
+    tp_rank: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_step: int,
+    moments: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """The shard of (pipeline stage, tensor rank): fp32 weights under their dense names and
+    their optimizer moments by name, so any layout can read it back."""
+    write_rank(
+        directory,
+        shard_file(pp_rank, tp_rank),
+        {k: v.detach().float() for k, v in weights.items()},
+        optim_file(pp_rank, tp_rank),
+        {"step": optimizer_step, "state": moments},
+    )
+
+
+def write_shared(
+    directory: Path,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    write_extra: Callable[[Path], None] | None = None,
+) -> None:
+    """The files one rank writes for all: trainer state, config and the extras that travel
+    with the weights (e.g. the tokenizer); the manifest lists and verifies them like the rest."""
+    torch.save(trainer_state, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(config_yaml)
+    if write_extra is not None:
+        write_extra(directory)
+
+
+def finish_checkpoint(
+    checkpoints_dir: Path, step: int, layout: dict[str, int] | None = None
+) -> Path:
+    """Hash every file of ``step_N.tmp`` into its manifest, rename it ``step_N``, point
+    ``latest`` at it. ``layout`` (tp, pp, dp) marks a checkpoint written as shards."""
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = tmp_dir(checkpoints_dir, step)
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest_of(tmp, step, layout), indent=2))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _write_atomic(checkpoints_dir / LATEST, final.name + "\n")
+    return final
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the complete checkpoint of one process for ``step`` atomically; returns its
+    directory. ``write_extra(dir)`` adds files that travel with the weights."""
+    tmp = begin_checkpoint(checkpoints_dir, step)
+    write_rank(tmp, MODEL_FILE, model_state, OPTIMIZER_FILE, optimizer_state)
+    write_shared(tmp, trainer_state, config_yaml, write_extra)
+    return finish_checkpoint(checkpoints_dir, step)
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (and stale ``*.tmp``); returns the deleted."""
+    removed = []
+    for stale in checkpoints_dir.glob("step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(checkpoints_dir)[:-keep]:
+        shutil.rmtree(old)
+        removed.append(old)
+    return removed
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
