@@ -11,7 +11,8 @@ import torch.distributed as dist
 import trainer.loop
 from tests.conftest import tiny_config
 from trainer import Trainer
-from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE, verify_checkpoint
+from trainer.checkpoint import verify_checkpoint
+from trainer.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE
 from trainer.parallel.grid import Grid
 from trainer.train_module import SingleProcessTrainModule
 from trainer.train_module_base import TrainModule, build_train_module

@@ -18,7 +18,6 @@ from arch.aux_losses import recording
 from arch.documents import document_ids
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
-from trainer.checkpoint import Checkpoint, CheckpointReader
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 from trainer.parallel.grid import Grid
@@ -51,6 +50,8 @@ class SingleProcessTrainModule(TrainModule):
     def load_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Weights and optimizer state from a checkpoint of any layout: exactly as saved when
         one process wrote it; merged from the shards of a multi-process checkpoint otherwise."""
+        from trainer.checkpoint import CheckpointReader
+
         reader = CheckpointReader(checkpoint)
         self.model.load_state_dict(reader.model_state(), strict=True)
         self.optimizer.load_state_dict(reader.optimizer_state_for(self.model, self.optimizer))
@@ -109,16 +110,11 @@ class SingleProcessTrainModule(TrainModule):
         return None
 
     def save_state(self, directory: Path) -> None:
-        from safetensors.torch import save_file
+        from trainer.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE
+        from trainer.checkpoint.writer import write_rank
 
-        from trainer.checkpoint import MODEL_FILE, OPTIMIZER_FILE
-
-        model_state = self.model.state_dict()
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in model_state.items()},
-            directory / MODEL_FILE,
-        )
-        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        write_rank(directory, MODEL_FILE, model, OPTIMIZER_FILE, optimizer)
 
     def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
         return trainer_state.get("rng")  # one process: the main rank's, in the trainer state

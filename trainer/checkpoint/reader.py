@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from arch.model_plan import merge_shards
 from trainer.checkpoint.format import (
     MODEL_FILE,
     OPTIM_SHARD_GLOB,
