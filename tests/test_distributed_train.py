@@ -136,3 +136,22 @@ def test_bf16_pipeline_run_matches_one_process_bf16(tiny_data, tmp_path):
     assert set(got) == {1, 2, 3}
     for step in got:
         assert abs(got[step] - want[step]) / want[step] <= 1e-4, (step, got, want)
+
+
+def test_pc_layer_vectors_travel_in_sharded_checkpoints(tiny_data, tmp_path):
+    """The PC layer's power-iteration vectors (u, v: buffers, not parameters) are model state: a
+    tp 2 checkpoint holds them, loads strictly in one process and resumes there like the run."""
+    pc = ["model.preconditioner.name=pc", "model.preconditioner.options={level: 2}"]
+    whole = tmp_path / "tp2"
+    train(tiny_data, whole, *pc, "parallel.tensor=2", "--nproc-per-node", "2")
+    step2 = whole / "checkpoints" / "step_00000002"
+    state = CheckpointReader(verify_checkpoint(step2)).model_state()
+    vectors = [name for name in state if name.endswith((".u", ".v"))]
+    assert vectors and all(torch.isfinite(state[n]).all() for n in vectors), sorted(state)[:8]
+    load_pretrained(step2)  # strict: every parameter and buffer of the model is there
+    run = tmp_path / "resumed"
+    train(tiny_data, run, *pc, f"trainer.resume_from={step2}")
+    want, got = logged_losses(whole), logged_losses(run)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)

@@ -326,15 +326,26 @@ class ParallelTrainModule(TrainModule):
                 full = safe_get_full_fp32_param(p)
                 weights[name] = (full if full is not None else p.detach()).cpu()
                 moments[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in keys}
+        # Persistent buffers are model state too (the PC layer's power-iteration vectors).
+        weights.update({name: b.detach().cpu() for name, b in self._buffers().items()})
         if g.dp_rank == 0:
             write_shard(directory, g.pp_rank, g.tp_rank, weights, step, moments)
         torch.save(rng_state(), directory / rng_file(g.rank))
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """The stage's persistent buffers by dense name (what its state dict holds beyond the
+        parameters)."""
+        params = {name for name, _ in self.stage.model.named_parameters()}
+        state = self.stage.model.state_dict(keep_vars=True)
+        return {name: t for name, t in state.items() if name not in params}
 
     def _load_weights(self, reader) -> None:
         g, cfg = self.grid, self.cfg.model
         with torch.no_grad():
             for name, p in self.stage.model.named_parameters():
                 p.copy_(split_for_rank(name, reader.tensor(name), g.tp_rank, g.tp, cfg))
+            for name, b in self._buffers().items():
+                b.copy_(split_for_rank(name, reader.tensor(name), g.tp_rank, g.tp, cfg))
             if self.stage.tied_head is not None:
                 full = reader.tensor("embed.weight")
                 self.stage.tied_head.copy_(
