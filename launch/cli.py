@@ -24,6 +24,7 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
   hybridtron train-tokenizer [INPUT ...] --output DIR   train a byte-level BPE tokenizer
   hybridtron merge-pc CKPT OUT                   fold PC-layer weights into plain ones
+  hybridtron export CKPT OUT                     any checkpoint -> one-process run directory
   hybridtron import-hf HF_DIR OUT                Hugging Face Llama/Mixtral/Jamba -> run directory
   hybridtron export-hf CKPT OUT                  checkpoint -> Hugging Face config.json + safetensors
   hybridtron registry list [KIND]                every plugin with its one-line doc
@@ -158,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
     )
     p.add_argument("out", metavar="OUT", help="new run directory for the merged checkpoint")
+
+    p = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint into a one-process run directory",
+        description="Write a new run directory OUT (config.yaml + checkpoints/step_N) holding one "
+        "one-process checkpoint of the same model, from a one-process or tp x pp x dp sharded "
+        "checkpoint: dense weights and buffers, the optimizer moments, step, tokens, RNG, data "
+        "position and tokenizer. eval, generate, trainer.resume_from and load_pretrained take "
+        "it, for any plugin's model (export-hf needs a Hugging Face family).",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
+    )
+    p.add_argument("out", metavar="OUT", help="new (or empty) run directory")
 
     p = sub.add_parser(
         "import-hf",
@@ -571,6 +586,14 @@ def cmd_merge_pc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launch.export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {path} (one process); evaluate: hybridtron eval {path}")
+    return 0
+
+
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from launch.hf_interop import import_hf
 
@@ -651,6 +674,7 @@ COMMANDS = {
     "prepare-data": cmd_prepare_data,
     "train-tokenizer": cmd_train_tokenizer,
     "merge-pc": cmd_merge_pc,
+    "export": cmd_export,
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,
     "registry": cmd_registry,

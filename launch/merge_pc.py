@@ -5,7 +5,8 @@ in fp32 from the checkpoint's raw weights and stored power-iteration vectors (u,
 the trained model multiplies by. The result is a run directory ``OUT`` holding one checkpoint of
 the same model with ``model.preconditioner.name=none``; ``hybridtron eval OUT`` and ``generate``
 load it like any other. Its optimizer state is a fresh one (no moments: training on from it
-restarts the optimizer); step, token counters, RNG and data position are kept.
+restarts the optimizer); step, token counters, RNG, data position and tokenizer are kept
+(`launch.export.write_run_dir`, shared with `hybridtron export`).
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from arch import build_model
 from arch.config import PreconditionerConfig
 from arch.pc_layer import PCLinear, merge_pc
 from arch.registry import UserError
+from launch.export import check_new_out, write_run_dir
 from trainer import checkpoint as ckpt
-from trainer.loop import config_yaml
 from trainer.optim import build_optimizer
 
 
 def merge_pc_checkpoint(source: str, out: str) -> Path:
     """Write the merged checkpoint of ``source`` under run directory ``out``; returns its path."""
+    check_new_out(out)
     model, cfg, checkpoint = ckpt.load_model(source)
-    out_dir = Path(out)
-    if ckpt.list_checkpoints(out_dir / "checkpoints"):
-        raise UserError(f"{out_dir} already holds checkpoints; give a new output directory")
     if not any(isinstance(m, PCLinear) for m in model.modules()):
         raise UserError(
             f"checkpoint {checkpoint.path} has no PC layers (model.preconditioner.name="
@@ -39,7 +38,6 @@ def merge_pc_checkpoint(source: str, out: str) -> Path:
     state = model.state_dict()
 
     cfg.model.preconditioner = PreconditionerConfig(name="none", options={})
-    cfg.trainer.run_dir = str(out_dir)
     with torch.device("meta"):
         plain = build_model(cfg.model)
     expected = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
@@ -48,15 +46,4 @@ def merge_pc_checkpoint(source: str, out: str) -> Path:
         diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
         raise UserError(f"merged weights do not fit the plain model (first differences: {diff})")
     optimizer_state = build_optimizer(plain, cfg.optim).state_dict()
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    yaml = config_yaml(cfg)
-    (out_dir / "config.yaml").write_text(yaml)
-    return ckpt.save_checkpoint(
-        out_dir / "checkpoints",
-        checkpoint.step,
-        state,
-        optimizer_state,
-        ckpt.CheckpointReader(checkpoint).trainer_state(),
-        yaml,
-    )
+    return write_run_dir(out, cfg, checkpoint, state, optimizer_state)

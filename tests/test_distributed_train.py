@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
-from trainer.checkpoint import CheckpointReader, load_pretrained, verify_checkpoint
+from trainer.checkpoint import (
+    CheckpointReader,
+    load_pretrained,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 # A checkpoint resumed under another layout trains steps 3-4 with other reduction orders:
 # measured <= 9.3e-8 relative in the losses (1 and 2 threads, ATen default kernels with
@@ -99,6 +104,33 @@ def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
     exported, merged = load_pretrained(tmp_path / "hf"), load_pretrained(step4)
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(exported(ids), merged(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_export_consolidates_a_sharded_checkpoint_into_one_process(tp2_pp2_run, tmp_path):
+    step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
+    out = tmp_path / "export"
+    proc = run_cli("export", str(step4), str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(proc.stdout.strip().splitlines()) == 1 and "exported" in proc.stdout
+    exported, sharded = (
+        CheckpointReader(resolve_checkpoint(out)),
+        CheckpointReader(resolve_checkpoint(step4)),
+    )
+    assert not exported.checkpoint.sharded and exported.checkpoint.step == 4
+    want, got = sharded.model_state(), exported.model_state()
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert exported.optimizer_step() == sharded.optimizer_step()
+    for name, _ in load_pretrained(out).named_parameters():
+        a, b = exported.moments(name), sharded.moments(name)
+        assert b and set(a) == set(b), name  # exp_avg, exp_avg_sq
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    assert exported.trainer_state()["step"] == sharded.trainer_state()["step"] == 4
+    # Never into a directory that holds something: one line, exit != 0.
+    proc = run_cli("export", str(step4), str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and "already holds checkpoints" in lines[0]
 
 
 def test_a_dead_rank_stops_every_rank_and_keeps_the_checkpoints(tiny_data, tmp_path):

@@ -4,12 +4,14 @@ The package registers a mixer (`gated_retention`, with its tensor-parallel plan)
 entry-point group ``hybridtron.mixer``; it is pip-installed into a temporary directory that
 subprocesses get on PYTHONPATH (this process's registries never see it). Checked: the registry
 lists it; tp 2, pp 2 and tp 2 x pp 2 train like one process; a tp 2 checkpoint resumes in one
-process (resharded) and one process evaluates its merged weights; a mixer without a plan is
+process (resharded), one process evaluates its merged weights, and `hybridtron export` writes
+its one-process checkpoint (same tensors, resumes like the shards); a mixer without a plan is
 refused at tp 2 with one line.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +35,26 @@ CLI_MODEL = [
 ]
 # A resumed run under another layout reorders reductions (see test_distributed_train).
 TOLERANCE = 1e-5
+
+
+# Run with the plugin importable: the merged state of a sharded checkpoint (argv[1]) equals the
+# one-process checkpoint's (argv[2]), weights, buffers and optimizer moments, and so do the logits.
+COMPARE = """
+import sys, torch
+from trainer.checkpoint import CheckpointReader, load_pretrained, resolve_checkpoint
+want, got = (CheckpointReader(resolve_checkpoint(p)) for p in sys.argv[1:])
+assert not got.checkpoint.sharded and want.checkpoint.sharded
+a, b = want.model_state(), got.model_state()
+assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+assert got.optimizer_step() == want.optimizer_step() > 0
+for name in a:
+    ma, mb = want.moments(name), got.moments(name)
+    assert set(ma) == set(mb) and all(torch.equal(ma[k], mb[k]) for k in ma), name
+ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    assert torch.equal(load_pretrained(sys.argv[1])(ids), load_pretrained(sys.argv[2])(ids))
+print("equal")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +131,26 @@ def test_a_tp2_checkpoint_resumes_resharded_and_exports(plugin_site, tiny_data, 
     proc = run_cli("export-hf", step4, str(tmp_path / "hf"), env=env)
     lines = message_lines(proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1 and "'gated_retention'" in lines[0], lines
+
+    # `hybridtron export` consolidates the tp 2 checkpoint into one process for this mixer too:
+    # the same tensors and logits (compared where the plugin is importable: not this process),
+    # and training resumed from the export continues the run like the sharded checkpoint does.
+    exported = tmp_path / "exported"
+    export = run_cli("export", str(step2), str(exported), env=env)
+    assert export.returncode == 0, export.stderr[-2000:]
+    assert len(export.stdout.strip().splitlines()) == 1 and "exported" in export.stdout
+    compare = [sys.executable, "-c", COMPARE, str(step2), str(exported)]
+    proc = subprocess.run(compare, cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "equal" in proc.stdout, proc.stderr[-3000:]
+    proc = run_cli("eval", str(exported), env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out loss" in proc.stdout
+    from_export = tmp_path / "from_export"
+    resume_from = exported / "checkpoints" / "step_00000002"  # what export printed
+    assert str(resume_from) in export.stdout
+    train(plugin_site, tiny_data, from_export, f"trainer.resume_from={resume_from}")
+    assert logged_losses(from_export) == got  # the same state as resuming the shards
 
 
 def test_a_mixer_without_a_plan_is_refused_at_tp2_in_one_line(plugin_site, tiny_data, tmp_path):
