@@ -230,3 +230,23 @@ def test_a_family_is_one_adapter_class(imported):
         assert config_from_hf(hf) == config_from_hf(read_hf_config(imported["llama"][1]))
     finally:
         del FAMILIES["mistral"]
+
+
+def test_a_loaded_model_keeps_its_plugins_parameter_marks(imported):
+    """`load_pretrained` builds on the meta device and materialises new Parameters; what a plugin
+    marks on its parameters (Mamba's A_log and D: `_no_weight_decay`) must survive, or an
+    optimizer built on the loaded model (fine-tuning) decays them and groups them differently."""
+    from arch import build_model
+    from trainer.optim import param_groups
+
+    loaded = load_pretrained(imported["jamba"][2])
+    fresh = build_model(loaded.cfg)
+
+    def groups(model: torch.nn.Module) -> dict[str, list[str]]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {
+            g["group"]: sorted(names[id(p)] for p in g["params"]) for g in param_groups(model, 0.1)
+        }
+
+    assert any(n.endswith("A_log") for n in groups(fresh)["no_decay"])
+    assert groups(loaded) == groups(fresh)

@@ -54,6 +54,10 @@ def _built(
 ) -> HybridLM:
     with torch.device("meta"):
         model = build_model(cfg)
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
     model = model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        # to_empty makes new Parameters: keep what plugins mark on theirs (_no_weight_decay)
+        vars(p).update(marks[name])
     model.load_state_dict(state, strict=True)
     return model.eval()
