@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from arch import build_model
 from arch.registry import UserError
 from data_pipeline.tokenizers import load_tokenizer
 from trainer import checkpoint as ckpt
@@ -71,11 +70,8 @@ def export_checkpoint(source: str, out: str) -> Path:
     """Write the one-process checkpoint of ``source`` under run directory ``out``; returns it."""
     check_new_out(out)  # before reading anything
     model, cfg, checkpoint = ckpt.load_model(source)  # strict: the weights fit the model
-    # The optimizer over a freshly built model, as the trainer builds it: `to_empty` (how
-    # load_model materialises) drops parameter attributes such as ``_no_weight_decay``, which
-    # decide the parameter groups the reader names the saved moments by.
-    with torch.device("meta"):
-        fresh = build_model(cfg.model)
-    optimizer = build_optimizer(fresh, cfg.optim)
-    optimizer_state = ckpt.CheckpointReader(checkpoint).optimizer_state_for(fresh, optimizer)
+    # load_model keeps the parameter marks (_no_weight_decay) that decide the optimizer's
+    # groups, by which the reader names the saved moments.
+    optimizer = build_optimizer(model, cfg.optim)
+    optimizer_state = ckpt.CheckpointReader(checkpoint).optimizer_state_for(model, optimizer)
     return write_run_dir(out, cfg, checkpoint, model.state_dict(), optimizer_state)
