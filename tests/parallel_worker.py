@@ -105,6 +105,8 @@ def run_layout(layout: dict) -> dict:
     tp, pp = layout["tp"], layout["pp"]
     grid = init_grid(tp, pp, timeout_s=120)
     cfg = run_config(layout["zero"], tp, pp, **model_options(layout))
+    for key, value in layout.get("parallel", {}).items():  # e.g. {"recompute": "full"}
+        setattr(cfg.parallel, key, value)
     module = ParallelTrainModule(cfg, grid)  # GLOBAL // (MICRO * dp) micro-batches a step
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()

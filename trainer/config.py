@@ -63,6 +63,10 @@ class ParallelConfig:
     tensor: int = 1  # tensor-parallel size (Megatron-core layers): splits heads, d_inner, vocab
     pipeline: int = 1  # pipeline stages (1F1B), cut at `|` in model.pattern or balanced
     zero_stage: int = 0  # DeepSpeed ZeRO over the data-parallel group: 0 (= 1 at dp 1), 1, 2, 3
+    recompute: str = "none"  # activation recomputation: none | selective | full
+    sequence_parallel: bool = False  # shard norms and residual streams along the sequence (tp > 1)
+    expert: int = 1  # expert-parallel size, carved out of the data-parallel ranks
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
     timeout_s: float = 600.0  # any collective or transfer that takes longer fails every rank
 
 

@@ -13,6 +13,15 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     """Raise ConfigError (one line naming the key and the fix) for a layout that cannot work."""
     p = cfg.parallel
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
+    unbuilt = {
+        "parallel.recompute": p.recompute != "none",
+        "parallel.sequence_parallel": p.sequence_parallel,
+        "parallel.expert": p.expert != 1,
+        "parallel.virtual_stages": p.virtual_stages != 1,
+    }
+    for key, set_ in unbuilt.items():  # being built (issue 14); refused until then
+        if set_:
+            raise ConfigError(key, "is not available yet; leave it at its default")
     if world == 1:
         return
     from trainer.parallel.stages import stage_layer_ranges
