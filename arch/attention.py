@@ -122,6 +122,7 @@ class Attention(nn.Module):
             },
             divisible={"model.n_heads": cfg.n_heads, "model.n_kv_heads": cfg.kv_heads},
             collectives="all-reduce of wo's output (and of the input's gradient)",
+            boundary=("wq", "wk", "wv", "wo"),
         )
 
     def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -101,6 +101,7 @@ class Mamba(nn.Module):
             },
             divisible={"model.mamba.expand": d},
             collectives="all-reduce of x_proj's and out_proj's outputs; of dt, B, C's gradients",
+            boundary=("in_proj", "out_proj"),  # x_proj's all-reduce stays inside
         )
 
     def _dt_b_c(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

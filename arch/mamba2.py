@@ -210,6 +210,7 @@ class Mamba2(nn.Module):
                 "model.mamba2.n_groups": cfg.mamba2.n_groups,
             },
             collectives="all-reduce of out_proj's output (and of the input's gradient)",
+            boundary=("in_proj", "out_proj"),
         )
 
     @torch.no_grad()

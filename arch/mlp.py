@@ -85,6 +85,7 @@ class MLP(nn.Module):
             splits=MLP_SPLITS,
             divisible={"model.ffn_hidden": cfg.ffn_hidden_size},
             collectives="all-reduce of w2's output (and of the input's gradient)",
+            boundary=("w1", "w3", "w2"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,17 +38,31 @@ class SubLayer(nn.Module):
         self.symbol = symbol
         self.kind = kind
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.tp = tp
+        # Sequence parallelism in Megatron's form when the plugin names its boundary
+        # projections (and no preconditioner wraps them with collectives of its own).
+        boundary = inner.tensor_parallel_plan(cfg).boundary if has_plan(inner) else ()
+        self.fused = tp.sequence_parallel and bool(boundary) and cfg.preconditioner.name == "none"
         # A plugin with a plan is built in its local form from the context; one without only
         # ever runs in one process (`check_tensor_parallel` refuses it at tp > 1).
-        self.inner = inner(cfg, index, tp) if has_plan(inner) else inner(cfg, index)
+        if has_plan(inner):
+            self.inner = inner(cfg, index, tp.with_boundary(boundary) if self.fused else tp)
+        else:
+            self.inner = inner(cfg, index)
         self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
         # Mixers that keep packed documents apart take `doc_ids`; the others never see it.
         self.takes_doc_ids = "doc_ids" in inspect.signature(self.inner.forward).parameters
 
     def forward(self, state: State, doc_ids: torch.Tensor | None = None) -> State:
-        if doc_ids is not None and self.takes_doc_ids:
-            return self.residual(state, lambda h: self.inner(self.norm(h), doc_ids=doc_ids))
-        return self.residual(state, lambda h: self.inner(self.norm(h)))
+        # Under sequence parallelism the state and the norm hold this rank's part of the
+        # sequence; the plugin sees all of it (`TensorParallel.from_sequence_shard`).
+        kwargs = {"doc_ids": doc_ids} if doc_ids is not None and self.takes_doc_ids else {}
+
+        def sublayer(h: torch.Tensor) -> torch.Tensor:
+            x = self.tp.from_sequence_shard(self.norm(h), partial_grad=self.fused)
+            return self.tp.to_sequence_shard(self.inner(x, **kwargs), partial=self.fused)
+
+        return self.residual(state, sublayer)
 
     def step(self, state: State, entry: Any, position: int) -> tuple[State, Any]:
         """`forward` for new tokens only (cached decoding, see `arch.cache`): a mixer runs its
@@ -133,8 +147,11 @@ class HybridLM(nn.Module):
         return self.logits(self.norm(state["x"]))
 
     def embed_tokens(self, input_ids: torch.Tensor) -> State:
-        """The initial residual state of token ids [B, T]."""
-        return self.state_init(self.embed(input_ids), input_ids)
+        """The initial residual state of token ids [B, T] (under sequence parallelism, of this
+        rank's part of the sequence: the vocabulary-parallel embedding's partial sums are
+        reduce-scattered)."""
+        x0 = self.tp.to_sequence_shard(self.embed(input_ids), partial=True)
+        return self.state_init(x0, self.tp.sequence_shard(input_ids))
 
     def run_layers(
         self,

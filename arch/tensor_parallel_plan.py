@@ -87,12 +87,21 @@ class TensorParallelPlan:
     communicates (for docs and ``registry list``). ``wraps`` (preconditioners only): where the
     wrapped projection's raw weight sits inside the wrapper (``lin.weight``): it splits as the
     owner's plan splits ``<projection>.weight``.
+
+    ``boundary`` (mixers/FFNs, for sequence parallelism): the roles of the projections that are
+    the *only* readers of the sub-layer's input (column-parallel) and the only writers of its
+    output (row-parallel). Under sequence parallelism they are then built without their own
+    collectives, and the sub-layer's all-gather before them / reduce-scatter after them do the
+    communication (Megatron's form: as many bytes as plain TP). Empty: the generic form, correct
+    for any plugin with a plan: the input is all-gathered (its gradient, already whole through
+    the plugin's own collectives, is sliced) and the whole output sliced.
     """
 
     splits: dict[str, Split] = field(default_factory=dict)
     divisible: dict[str, int] = field(default_factory=dict)
     collectives: str = "none (replicated)"
     wraps: str | None = None
+    boundary: tuple[str, ...] = ()
 
     def split_of(self, name: str) -> Split | None:
         """The Split of parameter/buffer ``name`` (relative to the module), None: replicated."""
@@ -121,6 +130,8 @@ class TensorParallel:
 
     size: int = 1
     rank: int = 0
+    sequence_parallel: bool = False
+    boundary_roles: frozenset[str] = frozenset()  # see `with_boundary`
 
     def local_linear(self, in_features: int, out_features: int, split: Split) -> nn.Module:
         """This rank's bias-free projection of an [out, in] weight split as ``split``."""
@@ -133,8 +144,35 @@ class TensorParallel:
         preconditioner. ``split``: the one the plugin's plan gives its weight, column-parallel
         (output split, possibly fused parts) or `ROW_PARALLEL` (input split, output summed)."""
         precondition = PRECONDITIONERS.get(cfg.preconditioner.name)
-        local = self.local_linear(in_features, out_features, split)
+        if role in self.boundary_roles:  # its collective is the sub-layer's (sequence parallel)
+            rows = out_features // self.size if split.column_parallel else out_features
+            cols = in_features if split.column_parallel else in_features // self.size
+            local: nn.Module = nn.Linear(cols, rows, bias=False)
+        else:
+            local = self.local_linear(in_features, out_features, split)
         return precondition(local, cfg.preconditioner, role, tp=self, split=split)
+
+    def with_boundary(self, roles: tuple[str, ...]) -> TensorParallel:
+        """The context one plugin is built with under sequence parallelism when its plan names
+        its ``boundary`` projections: those are built without collectives (`linear`)."""
+        return self
+
+    def from_sequence_shard(self, h: torch.Tensor, partial_grad: bool) -> torch.Tensor:
+        """Sequence parallelism: the whole sequence [B, T, ...] from this rank's part
+        [B, T / size, ...] (all-gather). Backward: ``partial_grad``, each rank holds a partial
+        sum of the whole gradient (reduce-scatter); else the gradient is already whole (slice).
+        Identity without sequence parallelism."""
+        return h
+
+    def to_sequence_shard(self, y: torch.Tensor, partial: bool) -> torch.Tensor:
+        """Sequence parallelism: this rank's part of the sequence of ``y`` [B, T, ...]:
+        ``partial``, each rank holds partial sums (reduce-scatter; backward all-gather); else
+        ``y`` is whole on every rank (slice; backward all-gather). Identity without it."""
+        return y
+
+    def sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a per-token input [B, T] that needs no gradient (token ids)."""
+        return t
 
     def copy_to_region(self, x: torch.Tensor) -> torch.Tensor:
         """A replicated value entering split computation: identity forward, all-reduce of its

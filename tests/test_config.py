@@ -231,6 +231,12 @@ def test_design_field_names_exist(key):
         (["parallel.zero_stage=3", "parallel.pipeline=2"], "parallel.zero_stage"),
         (["parallel.tensor=3"], "parallel.tensor"),
         (["parallel.pipeline=99"], "parallel.pipeline"),
+        (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # needs tp > 1
+        (
+            ["launch.nproc_per_node=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
+             "trainer.seq_len=63"],
+            "trainer.seq_len",
+        ),  # fmt: skip
         (["data.eval_fraction=0"], "data.eval_fraction"),
         (["data.shard_size_bytes=100"], "data.shard_size_bytes"),
         (["data.max_bytes=0"], "data.max_bytes"),

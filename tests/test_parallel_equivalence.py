@@ -124,9 +124,15 @@ MOE_EVERY_STAGE = [
 ]
 
 
+# Sequence parallelism: the residual state (every stream), norms and residual updates on a
+# sequence part per TP rank (see trainer/parallel/sequence_parallel.py).
+SP = {"parallel": {"sequence_parallel": True}}
+
+
 def test_moe_on_every_stage_matches_one_process(tmp_path):
     layouts = [{"tp": 1, "pp": 2, "zero": 1, **model} for model in MOE_EVERY_STAGE]
     layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[1]}]
+    layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[2], **SP}]  # tmm: (x, v)
     layouts += [{"tp": 1, "pp": 1, "zero": 2, **MOE_EVERY_STAGE[2]}]  # dp 2
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
@@ -134,6 +140,8 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
 def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts = [{"tp": 2, "pp": 2, "zero": 1}, {"tp": 2, "pp": 2, "zero": 2}]
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
+    # Sequence parallel at tp2 x pp2 (stages send the sequence part) and tp2 x dp2 (ZeRO-2).
+    layouts += [{"tp": 2, "pp": 2, "zero": 1, **SP}, {"tp": 2, "pp": 1, "zero": 2, **SP}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 

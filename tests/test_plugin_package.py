@@ -88,6 +88,8 @@ def test_tp2_pp2_and_tp2_x_pp2_train_like_one_process(plugin_site, tmp_path):
         {"tp": 2, "pp": 1, "zero": 1, **LAYOUT_MODEL},  # dp 2
         {"tp": 1, "pp": 2, "zero": 1, **LAYOUT_MODEL},  # dp 2
         {"tp": 2, "pp": 2, "zero": 1, **LAYOUT_MODEL},
+        # Sequence parallel in the generic form (the plugin names no boundary projections).
+        {"tp": 2, "pp": 2, "zero": 1, "parallel": {"sequence_parallel": True}, **LAYOUT_MODEL},
     ]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts, pythonpath=(plugin_site,)))
 

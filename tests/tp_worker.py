@@ -31,6 +31,7 @@ from arch.config import (  # noqa: E402
 )
 from arch.model import build_model, lm_loss, shard_model  # noqa: E402
 from arch.model_plan import is_tensor_parallel_param, merge_shards  # noqa: E402
+from trainer.parallel.sequence_parallel import reduce_sequence_parallel_grads  # noqa: E402
 from trainer.parallel.tensor_parallel import MegatronTensorParallel  # noqa: E402
 
 PC_TARGETS = ["w1", "w2", "w3", "wo", "wq", "in_proj", "x_proj", "out_proj"]
@@ -53,9 +54,10 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def models() -> dict[str, tuple[ModelConfig, bool]]:
-    """name -> (config, use doc_ids)."""
-    return {
+def models() -> dict[str, tuple[ModelConfig, bool, bool]]:
+    """name -> (config, use doc_ids, sequence parallel): each model plain TP and with sequence
+    parallelism (Megatron's form for the built-in mixers; the generic form with the PC layer)."""
+    plain = {
         "hybrid_tied_heavy_ball_docs": (
             tiny(residual=ResidualConfig(name="heavy_ball"), tie_embeddings=True),
             True,
@@ -79,6 +81,9 @@ def models() -> dict[str, tuple[ModelConfig, bool]]:
             True,
         ),
     }
+    out = {name: (cfg, docs, False) for name, (cfg, docs) in plain.items()}
+    out.update({f"{name}_sp": (cfg, docs, True) for name, (cfg, docs) in plain.items()})
+    return out
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,13 +103,16 @@ def post_step(model: torch.nn.Module) -> None:
             hook()
 
 
-def check(cfg: ModelConfig, use_docs: bool) -> dict:
+def check(cfg: ModelConfig, use_docs: bool, sequence_parallel: bool) -> dict:
     # float64: in fp32 the sharded sums' rounding left the loss 2.2e-7, the grads 1.4e-5, the
     # params after AdamW's sign-like first step 4e-4 and PC's power-iteration buffers 1.5e-4 apart
     # (MKL_CBWR=COMPATIBLE), 2-5x under the bounds or past them; see test_tensor_parallel.
     dense = build_model(cfg, seed=7).double()
-    tp = MegatronTensorParallel(torch.float64)
+    tp = MegatronTensorParallel(torch.float64, sequence_parallel=sequence_parallel)
     model = shard_model(dense, tp)
+    if sequence_parallel:  # what ParallelTrainModule does: norms etc. see a sequence part
+        group = parallel_state.get_tensor_model_parallel_group()
+        res_sp = reduce_sequence_parallel_grads(model, group)
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=gen)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -114,7 +122,7 @@ def check(cfg: ModelConfig, use_docs: bool) -> dict:
         doc_ids[0, 5:] = 1
         doc_ids[0, 11:] = 2
         doc_ids[1, 9:] = 1
-    res: dict = {}
+    res: dict = {"sp_params": len(res_sp) if sequence_parallel else 0}
     res["keys_equal"] = list(model.state_dict()) == list(dense.state_dict())
     names = [n for n, _ in model.named_parameters()]
     res["names_equal"] = names == [n for n, _ in dense.named_parameters()]
@@ -188,7 +196,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=dist.get_world_size())
     torch.manual_seed(0)
-    results = {name: check(cfg, docs) for name, (cfg, docs) in models().items()}
+    results = {name: check(*spec) for name, spec in models().items()}
     rank = dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     parallel_state.destroy_model_parallel()

@@ -15,13 +15,14 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
     unbuilt = {
         "parallel.recompute": p.recompute != "none",
-        "parallel.sequence_parallel": p.sequence_parallel,
         "parallel.expert": p.expert != 1,
         "parallel.virtual_stages": p.virtual_stages != 1,
     }
     for key, set_ in unbuilt.items():  # being built (issue 14); refused until then
         if set_:
             raise ConfigError(key, "is not available yet; leave it at its default")
+    if p.sequence_parallel:
+        check_sequence_parallel(cfg)
     if world == 1:
         return
     from trainer.parallel.stages import stage_layer_ranges
@@ -42,3 +43,20 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
         )
     if p.timeout_s <= 0:
         raise ConfigError("parallel.timeout_s", f"must be positive, got {p.timeout_s}")
+
+
+def check_sequence_parallel(cfg: RunConfig) -> None:
+    """Sequence parallelism shards the sequence over the tensor-parallel ranks."""
+    p, seq = cfg.parallel, cfg.trainer.seq_len
+    if p.tensor == 1:
+        raise ConfigError(
+            "parallel.sequence_parallel",
+            "shards the sequence over the tensor-parallel ranks, so it needs parallel.tensor > 1; "
+            "set parallel.tensor or drop parallel.sequence_parallel",
+        )
+    if seq % p.tensor:
+        raise ConfigError(
+            "trainer.seq_len",
+            f"{seq} does not split over the {p.tensor} tensor-parallel ranks of "
+            f"parallel.sequence_parallel; use a multiple of {p.tensor}",
+        )

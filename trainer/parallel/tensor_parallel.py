@@ -19,6 +19,8 @@ over Megatron's TP group (`megatron.core.parallel_state`):
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch import nn
 
 from arch.numerics import fp32_or_wider
 from arch.tensor_parallel_plan import Split, TensorParallel, merge_tensors, split_tensor
+from trainer.parallel.sequence_parallel import gather_sequence, scatter_sequence, sequence_part
 
 
 class _NoExtraState:
@@ -87,11 +90,23 @@ class TPRowLinear(_NoExtraState, RowParallelLinear):
 
 
 class TPEmbedding(_NoExtraState, VocabParallelEmbedding):
-    """Megatron's VocabParallelEmbedding over the padded vocabulary rows."""
+    """Megatron's VocabParallelEmbedding over the padded vocabulary rows. ``partial``: return
+    this rank's partial sums (its vocabulary rows' lookups) for the caller to reduce-scatter
+    along the sequence (sequence parallelism) instead of all-reducing them here."""
 
-    def __init__(self, vocab: int, dim: int, config: ModelParallelConfig) -> None:
+    def __init__(
+        self, vocab: int, dim: int, config: ModelParallelConfig, partial: bool = False
+    ) -> None:
         super().__init__(vocab, dim, init_method=nn.init.zeros_, config=config)
         self._drop_extra_state_hooks()
+        self.partial = partial
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if not self.partial:
+            return super().forward(ids)
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
+        local = (ids - self.vocab_start_index).masked_fill(outside, 0)
+        return F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 def _group() -> dist.ProcessGroup:
@@ -143,11 +158,14 @@ class MegatronTensorParallel(TensorParallel):
     """The context over Megatron's TP group (initialised by `trainer.parallel.grid`).
 
     ``dtype``: the dtype Megatron allocates its layers in (the values are the dense model's).
+    ``sequence_parallel``: shard the regions between the TP ones along the sequence
+    (`trainer.parallel.sequence_parallel`).
     """
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, sequence_parallel: bool = False) -> None:
         self.size = parallel_state.get_tensor_model_parallel_world_size()
         self.rank = parallel_state.get_tensor_model_parallel_rank()
+        self.sequence_parallel = sequence_parallel and self.size > 1
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=self.size,
             use_cpu_initialization=True,
@@ -169,11 +187,33 @@ class MegatronTensorParallel(TensorParallel):
     def gather(self, shard: torch.Tensor, split: Split) -> torch.Tensor:
         return _GatherShards.apply(shard, split, self.rank, self.size)
 
+    def with_boundary(self, roles: tuple[str, ...]) -> TensorParallel:
+        ctx = copy.copy(self)
+        ctx.boundary_roles = frozenset(roles)
+        return ctx
+
+    def from_sequence_shard(self, h: torch.Tensor, partial_grad: bool) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return h
+        return gather_sequence(h, _group(), partial_grad)
+
+    def to_sequence_shard(self, y: torch.Tensor, partial: bool) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return y
+        return scatter_sequence(y, _group(), partial)
+
+    def sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
+        return sequence_part(t, _group()) if self.sequence_parallel else t
+
     def embedding(self, vocab: int, dim: int) -> nn.Module:
-        return TPEmbedding(vocab, dim, self.config)
+        return TPEmbedding(vocab, dim, self.config, partial=self.sequence_parallel)
 
     def vocab_logits(self, h: torch.Tensor, weight: torch.Tensor, vocab: int) -> torch.Tensor:
-        logits = F.linear(self.copy_to_region(h), weight)
+        if self.sequence_parallel:  # the whole sequence; each rank's gradient is a partial sum
+            h = gather_sequence(h, _group(), partial_grad=True)
+        else:
+            h = self.copy_to_region(h)
+        logits = F.linear(h, weight)
         local = logits.shape[-1]
         start = self.rank * local
         if start + local > vocab:

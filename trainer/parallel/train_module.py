@@ -33,6 +33,7 @@ from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
+from trainer.parallel.sequence_parallel import reduce_sequence_parallel_grads
 from trainer.parallel.stages import PipelineStage, stage_layer_ranges, state_shapes
 from trainer.parallel.tensor_parallel import MegatronTensorParallel
 from trainer.parallel.watchdog import operation
@@ -93,8 +94,13 @@ class ParallelTrainModule(TrainModule):
         dense = build_model(cfg.model, seed=cfg.trainer.seed)
         self.num_params = count_parameters(dense)
         self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
-        self.tp = MegatronTensorParallel() if grid.tp > 1 else DENSE
+        sequence_parallel = cfg.parallel.sequence_parallel
+        self.tp = (
+            MegatronTensorParallel(sequence_parallel=sequence_parallel) if grid.tp > 1 else DENSE
+        )
         model = shard_model(dense, self.tp)
+        if self.tp.sequence_parallel:
+            reduce_sequence_parallel_grads(model, self.ps.get_tensor_model_parallel_group())
         start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
         self.stage = PipelineStage(model, start, end, grid.is_first_stage, grid.is_last_stage)
         # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
@@ -137,7 +143,7 @@ class ParallelTrainModule(TrainModule):
             group["lr"] = lr
         m = len(micro_batches)
         batches = [b.to(g.device) for b in micro_batches]
-        shapes = state_shapes(self.cfg.model, batches[0].shape[0], batches[0].shape[1] - 1)
+        shapes = state_shapes(self.cfg.model, batches[0].shape[0], self._stage_seq(batches[0]))
         lm_losses: list[torch.Tensor] = []
         metrics: Totals = {}
         precision = self.cfg.trainer.precision
@@ -196,6 +202,11 @@ class ParallelTrainModule(TrainModule):
             metrics=self._gather_metrics(metrics) if gather_metrics else {},
         )
 
+    def _stage_seq(self, batch: torch.Tensor) -> int:
+        """The sequence length stages exchange: under sequence parallelism, a TP rank's part."""
+        seq = batch.shape[1] - 1  # inputs and targets are one token apart
+        return seq // self.tp.size if self.tp.sequence_parallel else seq
+
     def _tied_across_stages(self) -> bool:
         return self.cfg.model.tie_embeddings and self.grid.pp > 1
 
@@ -251,7 +262,6 @@ class ParallelTrainModule(TrainModule):
         g, stage = self.grid, self.stage
         stage.eval()
         chunks = [c.to(g.device) for c in samples.split(micro_batch_size)]
-        seq = samples.shape[1] - 1
 
         def forward(i: int, received):
             kwargs, targets = model_inputs(chunks[i], self.eos_id)
@@ -264,7 +274,7 @@ class ParallelTrainModule(TrainModule):
         outputs = forward_only(
             len(chunks),
             self.link,
-            lambda i: state_shapes(self.cfg.model, len(chunks[i]), seq),
+            lambda i: state_shapes(self.cfg.model, len(chunks[i]), self._stage_seq(chunks[i])),
             forward,
         )
         stage.train()
