@@ -233,8 +233,12 @@ def test_design_field_names_exist(key):
         (["parallel.pipeline=99"], "parallel.pipeline"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # needs tp > 1
         (
-            ["launch.nproc_per_node=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
-             "trainer.seq_len=63"],
+            [
+                "launch.nproc_per_node=2",
+                "parallel.tensor=2",
+                "parallel.sequence_parallel=true",
+                "trainer.seq_len=63",
+            ],
             "trainer.seq_len",
         ),  # fmt: skip
         (["data.eval_fraction=0"], "data.eval_fraction"),
