@@ -57,7 +57,7 @@ def sublayer_flops(inner: nn.Module, seq_len: int) -> float:
         conv = 2 * inner.conv_dim * inner.conv1d.weight.shape[-1]
         return _linear_flops(inner) + conv + ssd
     if kind == "MoE":
-        expert = _linear_flops(inner.experts[0])
+        expert = _linear_flops(next(iter(inner.experts.values())))
         return 2 * inner.router.weight.numel() + inner.cfg.top_k * expert
     return float(_linear_flops(inner))
 

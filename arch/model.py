@@ -18,7 +18,7 @@ from arch.aux_losses import recording
 from arch.cache import InferenceCache, PerEvaluation, new_cache
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
-from arch.model_plan import check_tensor_parallel, split_of
+from arch.model_plan import check_tensor_parallel, expert_of, split_of
 from arch.residual import State
 from arch.tensor_parallel_plan import DENSE, TensorParallel, has_plan, split_tensor
 
@@ -248,7 +248,7 @@ def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
     Every rank must pass the same dense model (same config and seed): the start is then exactly
     the one-process model. Names are the dense ones; split parameters are marked (`mark_split`).
     """
-    if tp.size == 1:
+    if tp.size == 1 and tp.expert_size == 1:
         return dense
     cfg = dense.cfg
     check_tensor_parallel(cfg, tp.size)
@@ -257,8 +257,10 @@ def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
     with torch.random.fork_rng(devices=[]):  # the local build's throwaway init draws nothing
         model = HybridLM(cfg, tp=tp, init=False)
     local = model.state_dict(keep_vars=True)
-    if list(local) != list(state):
-        raise RuntimeError(f"the parallel build changed the state keys: {set(local) ^ set(state)}")
+    # The local keys are the dense ones, less the experts other expert-parallel ranks hold.
+    held = [n for n in state if holds(n, cfg, tp)]
+    if list(local) != held:
+        raise RuntimeError(f"the parallel build changed the state keys: {set(local) ^ set(held)}")
     for name, tensor in local.items():
         split = split_of(name, cfg)
         shard = state[name] if split is None else split_tensor(state[name], split, tp.rank, tp.size)
@@ -271,6 +273,13 @@ def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
         if split is not None and isinstance(tensor, nn.Parameter):
             tp.mark_split(tensor, split)
     return model
+
+
+def holds(name: str, cfg: ModelConfig, tp: TensorParallel) -> bool:
+    """Whether this rank's model has dense parameter/buffer ``name``: all but the experts
+    other expert-parallel ranks hold."""
+    expert = expert_of(name, cfg)
+    return expert is None or expert[0] in tp.local_experts(expert[1])
 
 
 def count_parameters(model: nn.Module) -> int:

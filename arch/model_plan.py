@@ -91,6 +91,32 @@ def split_of(name: str, cfg: ModelConfig) -> Split | None:
     return split
 
 
+def expert_of(name: str, cfg: ModelConfig) -> tuple[int, int] | None:
+    """(global expert index, the plugin's expert count) of dense parameter/buffer ``name`` when
+    it belongs to an expert that expert parallelism distributes (its plugin's plan names
+    ``experts``), else None."""
+    parts = name.split(".", 5)
+    if len(parts) < 6 or parts[0] != "layers" or parts[2] != "inner":
+        return None
+    kind, plugin = cfg.symbol_table()[cfg.layers[int(parts[1])]]
+    plan = _plan((MIXERS if kind == "mixer" else FFNS).get(plugin), cfg)
+    if plan.experts is None or parts[3] != plan.experts:
+        return None
+    return int(parts[4]), plan.num_experts
+
+
+def expert_plugins(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """(plugin name, expert count) of every plugin of the model whose experts expert
+    parallelism can distribute."""
+    out = []
+    for kind, name, plugin, _ in _owners(cfg):
+        if kind in ("mixer", "ffn") and has_plan(plugin):
+            plan = plugin.tensor_parallel_plan(cfg)
+            if plan.experts is not None:
+                out.append((name, plan.num_experts))
+    return out
+
+
 def is_tensor_parallel_param(name: str, cfg: ModelConfig) -> bool:
     """Whether dense parameter ``name`` is split (True) or replicated (False) under TP."""
     return split_of(name, cfg) is not None

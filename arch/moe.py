@@ -37,6 +37,7 @@ from torch import nn
 
 from arch.aux_losses import AuxRecorder, active_recorder
 from arch.config import ModelConfig
+from arch.expert_parallel import run_experts
 from arch.layers_registry import FFNS
 from arch.mlp import MLP, MLP_SPLITS
 from arch.numerics import fp32_or_wider
@@ -60,8 +61,10 @@ class MoE(nn.Module):
         hidden = expert_hidden(cfg)
         # A plain Linear: routing is computed in fp32 from the raw weight, never preconditioned.
         self.router = nn.Linear(cfg.d_model, m.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            MLP(cfg, layer_index, tp, hidden) for _ in range(m.num_experts)
+        # Under their global indices: an expert-parallel rank holds a block of them.
+        self.tp = tp
+        self.experts = nn.ModuleDict(
+            {str(e): MLP(cfg, layer_index, tp, hidden) for e in tp.local_experts(m.num_experts)}
         )
 
     @classmethod
@@ -71,7 +74,10 @@ class MoE(nn.Module):
         return TensorParallelPlan(
             splits={f"experts.*.{name}": split for name, split in MLP_SPLITS.items()},
             divisible={"model.moe.expert_hidden": expert_hidden(cfg)},
-            collectives="all-reduce of each expert's w2 output (and of its input's gradient)",
+            collectives="all-reduce of each expert's w2 output (and of its input's gradient); "
+            "expert parallel: all-to-all of the routed tokens and of the outputs",
+            experts="experts",
+            num_experts=cfg.moe.num_experts,
         )
 
     @classmethod
@@ -119,11 +125,7 @@ class MoE(nn.Module):
             order = order[rank < cap]  # earliest tokens first (see the module docstring)
             counts = counts.clamp(max=cap)
         token = order // k
-        chunks = x[token].split(counts.tolist())
-        # Every expert runs, an unchosen one on zero tokens: its weights then get a (zero)
-        # gradient like all others, so data-parallel ranks reduce the same set of gradients.
-        outs = [e(c) for e, c in zip(self.experts, chunks, strict=True)]
-        y = torch.cat(outs) * weights.flatten()[order, None]
+        y = run_experts(x[token], counts, self.experts, self.tp) * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

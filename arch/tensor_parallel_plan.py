@@ -95,6 +95,11 @@ class TensorParallelPlan:
     communication (Megatron's form: as many bytes as plain TP). Empty: the generic form, correct
     for any plugin with a plan: the input is all-gathered (its gradient, already whole through
     the plugin's own collectives, is sliced) and the whole output sliced.
+
+    ``experts`` (MoE plugins, for expert parallelism): the name of the ModuleDict holding the
+    plugin's ``num_experts`` experts under their global indices; expert-parallel ranks each build
+    and hold a disjoint block of them (`TensorParallel.local_experts`), so checkpoints keep the
+    dense names whatever the layout.
     """
 
     splits: dict[str, Split] = field(default_factory=dict)
@@ -102,6 +107,8 @@ class TensorParallelPlan:
     collectives: str = "none (replicated)"
     wraps: str | None = None
     boundary: tuple[str, ...] = ()
+    experts: str | None = None
+    num_experts: int = 0
 
     def split_of(self, name: str) -> Split | None:
         """The Split of parameter/buffer ``name`` (relative to the module), None: replicated."""
@@ -132,6 +139,8 @@ class TensorParallel:
     rank: int = 0
     sequence_parallel: bool = False
     boundary_roles: frozenset[str] = frozenset()  # see `with_boundary`
+    expert_size: int = 1  # expert-parallel ranks (carved out of the data-parallel ones)
+    expert_rank: int = 0
 
     def local_linear(self, in_features: int, out_features: int, split: Split) -> nn.Module:
         """This rank's bias-free projection of an [out, in] weight split as ``split``."""
@@ -173,6 +182,23 @@ class TensorParallel:
     def sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's part of a per-token input [B, T] that needs no gradient (token ids)."""
         return t
+
+    def local_experts(self, num_experts: int) -> range:
+        """The global indices of the experts this expert-parallel rank holds (a block)."""
+        per_rank = num_experts // self.expert_size
+        return range(self.expert_rank * per_rank, (self.expert_rank + 1) * per_rank)
+
+    def exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        """Expert parallelism: ``counts`` [ranks, local experts] holds how many rows this rank
+        sends to each rank's experts; returns [ranks, local experts]: how many each rank sends
+        to this rank's experts (an all-to-all)."""
+        return counts
+
+    def all_to_all(self, rows: torch.Tensor, receive: list[int], send: list[int]) -> torch.Tensor:
+        """Expert parallelism: send consecutive blocks of ``rows`` (sizes ``send``) to the
+        expert-parallel ranks in order, receive blocks of ``receive`` rows from each; the
+        gradient travels back the same way."""
+        return rows
 
     def copy_to_region(self, x: torch.Tensor) -> torch.Tensor:
         """A replicated value entering split computation: identity forward, all-reduce of its

@@ -333,7 +333,7 @@ def _train_rank(
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     p = cfg.parallel
-    grid = init_grid(p.tensor, p.pipeline, p.timeout_s)
+    grid = init_grid(p.tensor, p.pipeline, p.timeout_s, p.expert)
     watchdog.set_prefix(grid.describe())
     dog = watchdog.Watchdog(p.timeout_s)
     try:

@@ -30,7 +30,7 @@ MICRO, GLOBAL, SEQ, VOCAB = 2, 8, 16, 61
 
 
 # What a layout may set besides tp/pp/zero: the model (the reference is trained once per model).
-MODEL_KEYS = ("residual", "pattern", "top_k", "symbols")
+MODEL_KEYS = ("residual", "pattern", "top_k", "symbols", "capacity")
 
 
 def model_key(layout: dict) -> str:
@@ -45,6 +45,7 @@ def run_config(
     pattern: str = "*M-E*-",
     top_k: int = 1,
     symbols: dict[str, str] | None = None,
+    capacity: float | None = None,
 ) -> RunConfig:
     cfg = RunConfig()
     cfg.model = ModelConfig(
@@ -61,6 +62,7 @@ def run_config(
     # rank must still reduce the same gradients (ZeRO's buckets would mismatch otherwise).
     cfg.model.moe.num_experts = 16
     cfg.model.moe.top_k = top_k
+    cfg.model.moe.capacity_factor = capacity  # None: dropless
     cfg.trainer.seed = 7
     cfg.trainer.micro_batch_size = MICRO
     cfg.trainer.global_batch_size = GLOBAL
@@ -103,7 +105,7 @@ def run_layout(layout: dict) -> dict:
 
     world = dist.get_world_size() if dist.is_initialized() else None
     tp, pp = layout["tp"], layout["pp"]
-    grid = init_grid(tp, pp, timeout_s=120)
+    grid = init_grid(tp, pp, timeout_s=120, expert=layout.get("parallel", {}).get("expert", 1))
     cfg = run_config(layout["zero"], tp, pp, **model_options(layout))
     for key, value in layout.get("parallel", {}).items():  # e.g. {"recompute": "full"}
         setattr(cfg.parallel, key, value)

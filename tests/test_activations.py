@@ -61,7 +61,7 @@ def test_moe_experts_use_the_activation_and_report():
     cfg = tiny(pattern="*E", ffn_activation="relu2")
     cfg.moe.num_experts, cfg.moe.top_k = 4, 2
     model = build_model(cfg, seed=0)
-    assert all(e.w3 is None for e in model.layers[1].inner.experts)
+    assert all(e.w3 is None for e in model.layers[1].inner.experts.values())
     fractions = zero_fractions(cfg)
     assert list(fractions) == ["ffn/zero_fraction/L1"] and 0 < fractions["ffn/zero_fraction/L1"] < 1
 

@@ -232,6 +232,29 @@ def test_design_field_names_exist(key):
         (["parallel.tensor=3"], "parallel.tensor"),
         (["parallel.pipeline=99"], "parallel.pipeline"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # needs tp > 1
+        (["launch.nproc_per_node=2", "parallel.expert=2"], "parallel.expert"),  # no experts
+        (
+            ["launch.nproc_per_node=2", "parallel.expert=3", "model.pattern=*E"],
+            "parallel.expert",
+        ),  # 3 does not divide dp 2
+        (
+            [
+                "launch.nproc_per_node=2",
+                "parallel.expert=2",
+                "model.pattern=*E",
+                "model.moe.num_experts=3",
+            ],
+            "parallel.expert",
+        ),
+        (
+            [
+                "launch.nproc_per_node=2",
+                "parallel.expert=2",
+                "model.pattern=*E",
+                "parallel.zero_stage=3",
+            ],
+            "parallel.zero_stage",
+        ),
         (
             [
                 "launch.nproc_per_node=2",

@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors import safe_open
 
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import (
@@ -75,6 +76,7 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     [
         ("same layout", ["parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"]),
         ("tp1 pp1 dp2", ["--nproc-per-node", "2"]),
+        ("dp2 with ep2", ["--nproc-per-node", "2", "parallel.expert=2"]),  # experts split
         ("one process", []),
     ],
     ids=lambda v: v[0],
@@ -92,6 +94,28 @@ def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, t
             assert got[step] == want[step]
         else:
             assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (name, step, got, want)
+
+
+def test_an_expert_parallel_checkpoint_resumes_in_one_process(tiny_data, tmp_path):
+    """dp 2 with ep 2: each expert rank writes its own experts under their dense names (the
+    rest once), and one process reads them back and continues the run."""
+    run = tmp_path / "ep2"
+    proc = train(tiny_data, run, "parallel.expert=2", "--nproc-per-node", "2")
+    step2 = verify_checkpoint(run / "checkpoints" / "step_00000002")
+    assert step2.layout == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
+    reader = CheckpointReader(step2)
+    experts = {}
+    for rank in (0, 1):
+        with safe_open(step2.path / f"shard-pp0-tp0-ep{rank}.safetensors", "pt") as f:
+            experts[rank] = {n.split(".")[4] for n in f.keys() if ".inner.experts." in n}
+    assert experts == {0: {"0", "1"}, 1: {"2", "3"}}  # 4 experts: a block each
+    assert len(reader.names()) == len(load_pretrained(step2.path).state_dict())
+    resumed = tmp_path / "resumed"
+    proc = train(tiny_data, resumed, f"trainer.resume_from={step2.path}")
+    assert "[resume]" in proc.stdout + proc.stderr
+    want, got = logged_losses(run), logged_losses(resumed)
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
 
 
 def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):

@@ -14,8 +14,10 @@ from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
 
 from arch import ModelConfig, build_model, validate_model_config
 from arch.aux_losses import active_recorder, recording
+from arch.expert_parallel import _expert_major_order
 from arch.moe import MoE, load_balancing_loss, router_z_loss
 from arch.registry import ConfigError
+from arch.tensor_parallel_plan import TensorParallel
 
 
 def tiny(**moe) -> ModelConfig:
@@ -48,8 +50,28 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
             if capacity is not None and served[e] >= capacity:
                 continue
             served[e] += 1
-            out[t] += w * moe.experts[e](x[t : t + 1])[0]
+            out[t] += w * moe.experts[str(e)](x[t : t + 1])[0]
     return out
+
+
+class _ExpertRank(TensorParallel):
+    """One expert-parallel rank of two (only the expert fields matter here)."""
+
+    expert_size, expert_rank = 2, 1
+
+
+def test_an_expert_parallel_rank_holds_its_block_of_experts_under_dense_names():
+    cfg = tiny(num_experts=4, top_k=1)
+    moe = MoE(cfg, 1, _ExpertRank())
+    assert list(moe.experts) == ["2", "3"]  # names as in the dense model: experts.2, experts.3
+    dense = {n for n in MoE(cfg, 1).state_dict() if n.startswith("experts.")}
+    assert set(moe.state_dict()) - {"router.weight"} < dense
+
+
+def test_received_rows_regroup_from_source_major_to_expert_major():
+    # From source 0: 1 row for local expert 0, 2 for expert 1; from source 1: 3 for expert 0.
+    order = _expert_major_order(torch.tensor([[1, 2], [3, 0]]))
+    assert order.tolist() == [0, 3, 4, 5, 1, 2]
 
 
 @pytest.mark.parametrize("renormalize", [False, True])
@@ -95,7 +117,7 @@ def test_capacity_overflow_passes_through_as_zeros_and_is_reported():
         out = moe(x)
     capacity = 2  # ceil(1 * 8 / 4 * 1.0)
     p0 = torch.softmax(torch.tensor([10.0, 0, 0, 0]), 0)[0]
-    torch.testing.assert_close(out[:capacity], p0 * moe.experts[0](x[:capacity]))
+    torch.testing.assert_close(out[:capacity], p0 * moe.experts["0"](x[:capacity]))
     assert torch.equal(out[capacity:], torch.zeros(6, 16))
     assert recorder.metrics["moe/dropped"].item() == pytest.approx(6 / 8)
 
@@ -143,7 +165,7 @@ def test_aux_losses_carry_gradient_to_the_router_and_plain_forward_records_nothi
 def test_expert_width_and_router_follow_the_config():
     moe = MoE(tiny(expert_hidden=40, num_experts=3, top_k=1), 1)
     assert len(moe.experts) == 3
-    assert moe.experts[0].w1.weight.shape == (40, 16)
+    assert moe.experts["0"].w1.weight.shape == (40, 16)
     assert moe.router.weight.shape == (3, 16)
 
 

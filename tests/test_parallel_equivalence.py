@@ -127,6 +127,8 @@ MOE_EVERY_STAGE = [
 # Sequence parallelism: the residual state (every stream), norms and residual updates on a
 # sequence part per TP rank (see trainer/parallel/sequence_parallel.py).
 SP = {"parallel": {"sequence_parallel": True}}
+# Expert parallelism over 2 of the data-parallel ranks (trainer/parallel/expert_parallel.py).
+EP2 = {"parallel": {"expert": 2}}
 
 
 def test_moe_on_every_stage_matches_one_process(tmp_path):
@@ -142,6 +144,13 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
     # Sequence parallel at tp2 x pp2 (stages send the sequence part) and tp2 x dp2 (ZeRO-2).
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **SP}, {"tp": 2, "pp": 1, "zero": 2, **SP}]
+    # Expert parallelism (16 experts, 32 tokens a micro-batch: some get none on some ranks).
+    layouts += [
+        {"tp": 2, "pp": 1, "zero": 2, **EP2},  # tp 2 x dp 2, the experts split both ways
+        {"tp": 1, "pp": 2, "zero": 1, **EP2, **MOE_EVERY_STAGE[0]},  # top-1, MoE on each stage
+        {"tp": 1, "pp": 2, "zero": 2, **EP2, **MOE_EVERY_STAGE[1]},  # top-2
+        {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
+    ]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 

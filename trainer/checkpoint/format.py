@@ -13,6 +13,8 @@ Files of ``step_N/`` written by one process::
 and by a multi-process run (the manifest then records ``"layout": {"tp", "pp", "dp"}``)::
 
     shard-pp{p}-tp{t}.safetensors   fp32 weights of stage p, tensor rank t, under their dense names
+                                    (with expert parallelism shard-pp{p}-tp{t}-ep{e}: expert rank
+                                    e's experts; the other weights in ep0's)
     optim-pp{p}-tp{t}.pt            {"step": n, "state": {name: {"exp_avg": ..., ...}}}
     rng-rank{r}.pt                  python / numpy / torch RNG of global rank r
 
@@ -46,8 +48,8 @@ OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)\.safetensors$")
-OPTIM_SHARD_GLOB = "optim-pp*-tp*.pt"
+SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
+OPTIM_SHARD_GLOB = "optim-pp*-tp*.pt"  # also optim-pp{p}-tp{t}-ep{e}.pt
 
 
 class CheckpointError(UserError):
@@ -63,12 +65,16 @@ def tmp_dir(checkpoints_dir: Path, step: int) -> Path:
     return checkpoints_dir / (step_dir_name(step) + ".tmp")
 
 
-def shard_file(pp_rank: int, tp_rank: int) -> str:
-    return f"shard-pp{pp_rank}-tp{tp_rank}.safetensors"
+def _expert_suffix(ep_rank: int | None) -> str:
+    return "" if ep_rank is None else f"-ep{ep_rank}"
 
 
-def optim_file(pp_rank: int, tp_rank: int) -> str:
-    return f"optim-pp{pp_rank}-tp{tp_rank}.pt"
+def shard_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
+    return f"shard-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.safetensors"
+
+
+def optim_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
+    return f"optim-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.pt"
 
 
 def rng_file(rank: int) -> str:

@@ -65,14 +65,15 @@ def write_shard(
     weights: dict[str, torch.Tensor],
     optimizer_step: int,
     moments: dict[str, dict[str, torch.Tensor]],
+    ep_rank: int | None = None,
 ) -> None:
-    """The shard of (pipeline stage, tensor rank): fp32 weights under their dense names and
-    their optimizer moments by name, so any layout can read it back."""
+    """The shard of (pipeline stage, tensor rank[, expert rank]): fp32 weights under their
+    dense names and their optimizer moments by name, so any layout can read it back."""
     write_rank(
         directory,
-        shard_file(pp_rank, tp_rank),
+        shard_file(pp_rank, tp_rank, ep_rank),
         {k: v.detach().float() for k, v in weights.items()},
-        optim_file(pp_rank, tp_rank),
+        optim_file(pp_rank, tp_rank, ep_rank),
         {"step": optimizer_step, "state": moments},
     )
 

@@ -38,6 +38,8 @@ class Grid:
     prev_rank: int | None  # global rank of the previous pipeline stage (same dp, tp)
     next_rank: int | None
     device: torch.device
+    ep: int = 1  # expert-parallel size: ep consecutive data-parallel ranks share the experts
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -55,6 +57,11 @@ class Grid:
     def describe(self) -> str:
         return f"rank {self.rank} (dp {self.dp_rank}, pp {self.pp_rank}, tp {self.tp_rank})"
 
+    @property
+    def expert_dp_rank(self) -> int:
+        """Rank among the data-parallel ranks that hold the same experts."""
+        return self.dp_rank // self.ep
+
     @classmethod
     def one_process(cls) -> Grid:
         """The grid of a one-process run (world 1), on the current GPU when there is one, else
@@ -68,8 +75,9 @@ class Grid:
 
     @property
     def layout(self) -> dict[str, int]:
-        """The layout a checkpoint records and a resume compares: tp, pp and dp sizes."""
-        return {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        """The layout a checkpoint records and a resume compares: tp, pp, dp (and ep) sizes."""
+        layout = {"tp": self.tp, "pp": self.pp, "dp": self.dp}
+        return layout if self.ep == 1 else {**layout, "ep": self.ep}
 
     @property
     def data_partition(self) -> tuple[int, int] | None:
@@ -142,7 +150,7 @@ def slurm_rendezvous(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
+def init_grid(tensor: int, pipeline: int, timeout_s: float, expert: int = 1) -> Grid:
     """Join the process group (NCCL on GPU, gloo on CPU) and build Megatron's groups.
 
     ``timeout_s`` bounds every collective: a hung or dead peer becomes an error on every rank
@@ -178,6 +186,7 @@ def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        expert_model_parallel_size=expert,
         distributed_timeout_minutes=timeout_s / 60,  # type: ignore[arg-type]  (a float works)
     )
     pp_rank = ps.get_pipeline_model_parallel_rank()
@@ -193,6 +202,8 @@ def init_grid(tensor: int, pipeline: int, timeout_s: float) -> Grid:
         prev_rank=ps.get_pipeline_model_parallel_prev_rank() if pp_rank > 0 else None,
         next_rank=ps.get_pipeline_model_parallel_next_rank() if pp_rank < pipeline - 1 else None,
         device=device,
+        ep=expert,
+        ep_rank=ps.get_expert_model_parallel_rank(),
     )
 
 
@@ -210,30 +221,38 @@ class MegatronMPU:
     Without it DeepSpeed takes every rank for a data-parallel peer and averages TP shards
     together (silently wrong). "Model parallel" here is TP x PP. The sequence-parallel methods
     are deliberately absent: their presence makes DeepSpeed ignore the data-parallel group.
+
+    ``expert_parallel``: DeepSpeed's data parallelism is then the expert-data-parallel group and
+    its model parallelism TP x PP x EP (see `trainer.parallel.expert_parallel`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expert_parallel: bool = False) -> None:
         from megatron.core import parallel_state as ps
 
         self.ps = ps
+        self.expert_parallel = expert_parallel
 
     def get_data_parallel_group(self):
+        if self.expert_parallel:
+            return self.ps.get_expert_data_parallel_group()
         return self.ps.get_data_parallel_group()
 
     def get_data_parallel_world_size(self) -> int:
-        return self.ps.get_data_parallel_world_size()
+        return dist.get_world_size(self.get_data_parallel_group())
 
     def get_data_parallel_rank(self) -> int:
-        return self.ps.get_data_parallel_rank()
+        return dist.get_rank(self.get_data_parallel_group())
 
     def get_model_parallel_group(self):
+        if self.expert_parallel:
+            return self.ps.get_expert_tensor_model_pipeline_parallel_group()
         return self.ps.get_model_parallel_group()
 
     def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self.ps.get_model_parallel_group())
+        return dist.get_world_size(self.get_model_parallel_group())
 
     def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self.ps.get_model_parallel_group())
+        return dist.get_rank(self.get_model_parallel_group())
 
     def get_tensor_model_parallel_group(self):
         return self.ps.get_tensor_model_parallel_group()

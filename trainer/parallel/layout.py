@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arch.model_plan import check_tensor_parallel
+from arch.model_plan import check_tensor_parallel, expert_plugins
 from arch.registry import ConfigError
 from trainer.config import RunConfig, grad_accumulation_steps
 
@@ -15,7 +15,6 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
     unbuilt = {
         "parallel.recompute": p.recompute != "none",
-        "parallel.expert": p.expert != 1,
         "parallel.virtual_stages": p.virtual_stages != 1,
     }
     for key, set_ in unbuilt.items():  # being built (issue 14); refused until then
@@ -23,6 +22,8 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
             raise ConfigError(key, "is not available yet; leave it at its default")
     if p.sequence_parallel:
         check_sequence_parallel(cfg)
+    if p.expert != 1:
+        check_expert_parallel(cfg, world)
     if world == 1:
         return
     from trainer.parallel.stages import stage_layer_ranges
@@ -59,4 +60,39 @@ def check_sequence_parallel(cfg: RunConfig) -> None:
             "trainer.seq_len",
             f"{seq} does not split over the {p.tensor} tensor-parallel ranks of "
             f"parallel.sequence_parallel; use a multiple of {p.tensor}",
+        )
+
+
+def check_expert_parallel(cfg: RunConfig, world: int) -> None:
+    """Expert parallelism carves its groups out of the data-parallel ranks and splits the
+    experts of every plugin that declares them evenly."""
+    p = cfg.parallel
+    if p.expert < 1:
+        raise ConfigError("parallel.expert", f"must be >= 1, got {p.expert}")
+    dp = world // (p.tensor * p.pipeline)
+    if dp % p.expert:
+        raise ConfigError(
+            "parallel.expert",
+            f"{p.expert} expert-parallel ranks are carved out of the {dp} data-parallel ones "
+            f"(world {world} / (tensor {p.tensor} x pipeline {p.pipeline})), which it must "
+            f"divide; launch dp = a multiple of {p.expert} or lower parallel.expert",
+        )
+    plugins = expert_plugins(cfg.model)
+    if not plugins:
+        raise ConfigError(
+            "parallel.expert",
+            f"no sub-layer of model.pattern {cfg.model.pattern!r} has experts to distribute "
+            f"(e.g. `E`, moe); set parallel.expert=1",
+        )
+    for name, count in plugins:
+        if count % p.expert:
+            raise ConfigError(
+                "parallel.expert",
+                f"the {name} sub-layers have {count} experts, which {p.expert} expert-parallel "
+                f"ranks cannot share evenly; use a parallel.expert that divides {count}",
+            )
+    if p.zero_stage == 3:
+        raise ConfigError(
+            "parallel.zero_stage",
+            "ZeRO-3 does not combine with parallel.expert > 1; use parallel.zero_stage=1 or 2",
         )

@@ -38,6 +38,7 @@ from torch import nn
 
 from arch.numerics import fp32_or_wider
 from arch.tensor_parallel_plan import Split, TensorParallel, merge_tensors, split_tensor
+from trainer.parallel.expert_parallel import all_to_all, exchange_counts
 from trainer.parallel.sequence_parallel import gather_sequence, scatter_sequence, sequence_part
 
 
@@ -166,6 +167,8 @@ class MegatronTensorParallel(TensorParallel):
         self.size = parallel_state.get_tensor_model_parallel_world_size()
         self.rank = parallel_state.get_tensor_model_parallel_rank()
         self.sequence_parallel = sequence_parallel and self.size > 1
+        self.expert_size = parallel_state.get_expert_model_parallel_world_size()
+        self.expert_rank = parallel_state.get_expert_model_parallel_rank()
         self.config = ModelParallelConfig(
             tensor_model_parallel_size=self.size,
             use_cpu_initialization=True,
@@ -204,6 +207,12 @@ class MegatronTensorParallel(TensorParallel):
 
     def sequence_shard(self, t: torch.Tensor) -> torch.Tensor:
         return sequence_part(t, _group()) if self.sequence_parallel else t
+
+    def exchange_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return exchange_counts(counts, parallel_state.get_expert_model_parallel_group())
+
+    def all_to_all(self, rows: torch.Tensor, receive: list[int], send: list[int]) -> torch.Tensor:
+        return all_to_all(rows, receive, send, parallel_state.get_expert_model_parallel_group())
 
     def embedding(self, vocab: int, dim: int) -> nn.Module:
         return TPEmbedding(vocab, dim, self.config, partial=self.sequence_parallel)

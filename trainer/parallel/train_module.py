@@ -25,11 +25,12 @@ from arch import build_model, count_parameters
 from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, shard_model
-from arch.model_plan import split_for_rank
+from arch.model_plan import expert_of, split_for_rank
 from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
+from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import StageLink
 from trainer.parallel.schedule import forward_only, one_f_one_b
@@ -94,13 +95,16 @@ class ParallelTrainModule(TrainModule):
         dense = build_model(cfg.model, seed=cfg.trainer.seed)
         self.num_params = count_parameters(dense)
         self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
-        sequence_parallel = cfg.parallel.sequence_parallel
-        self.tp = (
-            MegatronTensorParallel(sequence_parallel=sequence_parallel) if grid.tp > 1 else DENSE
-        )
+        if grid.tp > 1 or grid.ep > 1:
+            self.tp = MegatronTensorParallel(sequence_parallel=cfg.parallel.sequence_parallel)
+        else:
+            self.tp = DENSE
         model = shard_model(dense, self.tp)
         if self.tp.sequence_parallel:
             reduce_sequence_parallel_grads(model, self.ps.get_tensor_model_parallel_group())
+        if grid.ep > 1:
+            group = self.ps.get_expert_model_parallel_group()
+            reduce_expert_parallel_grads(model, cfg.model, group, grid.ep_rank)
         start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
         self.stage = PipelineStage(model, start, end, grid.is_first_stage, grid.is_last_stage)
         # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
@@ -122,8 +126,8 @@ class ParallelTrainModule(TrainModule):
             self.engine, *_ = deepspeed.initialize(
                 model=self.stage,
                 optimizer=optimizer,
-                mpu=MegatronMPU(),
-                config=deepspeed_config(cfg, self.accum, grid.dp),
+                mpu=MegatronMPU(expert_parallel=grid.ep > 1),
+                config=deepspeed_config(cfg, self.accum, grid.dp // grid.ep),
                 dist_init_required=False,
             )
         if resume is not None:
@@ -323,8 +327,8 @@ class ParallelTrainModule(TrainModule):
         return keys, step
 
     def save_state(self, directory: Path) -> None:
-        """This rank's shard and RNG (collective over the data-parallel group: ZeRO partitions
-        are gathered; data-parallel rank 0 writes the shard)."""
+        """This rank's shard and RNG (collective over DeepSpeed's data-parallel group: ZeRO
+        partitions are gathered; its rank 0 writes the shard)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         g = self.grid
@@ -338,8 +342,13 @@ class ParallelTrainModule(TrainModule):
                 moments[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in keys}
         # Persistent buffers are model state too (the PC layer's power-iteration vectors).
         weights.update({name: b.detach().cpu() for name, b in self._buffers().items()})
-        if g.dp_rank == 0:
-            write_shard(directory, g.pp_rank, g.tp_rank, weights, step, moments)
+        if g.ep > 1:  # each expert rank its experts; the rest once, from expert rank 0
+            keep = {n for n in weights if g.ep_rank == 0 or expert_of(n, self.cfg.model)}
+            weights = {n: t for n, t in weights.items() if n in keep}
+            moments = {n: m for n, m in moments.items() if n in keep}
+        if g.expert_dp_rank == 0:
+            ep_rank = g.ep_rank if g.ep > 1 else None
+            write_shard(directory, g.pp_rank, g.tp_rank, weights, step, moments, ep_rank)
         torch.save(rng_state(), directory / rng_file(g.rank))
 
     def _buffers(self) -> dict[str, torch.Tensor]:
