@@ -155,7 +155,11 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
 
 
 def test_eight_ranks_pp2_tp2_dp2_match_one_process(tmp_path):
-    assert_matches_reference(run_layouts(tmp_path, 8, [{"tp": 2, "pp": 2, "zero": 1}]))
+    layouts = [{"tp": 2, "pp": 2, "zero": 1}]
+    # Every lever at once: tp 2 x pp 2 x dp 2, ZeRO-2, sequence parallel, experts over ep 2.
+    every = {"parallel": {"expert": 2, "sequence_parallel": True}, **MOE_EVERY_STAGE[1]}
+    layouts += [{"tp": 2, "pp": 2, "zero": 2, **every}]
+    assert_matches_reference(run_layouts(tmp_path, 8, layouts))
 
 
 def test_srun_tasks_find_their_rendezvous():
