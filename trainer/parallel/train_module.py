@@ -289,7 +289,10 @@ class ParallelTrainModule(TrainModule):
     @property
     def layout(self) -> str:
         g = self.grid
-        return f"{g.world} processes: dp {g.dp} x pp {g.pp} x tp {g.tp}"
+        levers = [f"ep {g.ep}"] * (g.ep > 1) + ["sequence parallel"] * self.tp.sequence_parallel
+        return f"{g.world} processes: dp {g.dp} x pp {g.pp} x tp {g.tp}" + "".join(
+            f", {lever}" for lever in levers
+        )
 
     @property
     def checkpoint_layout(self) -> dict[str, int]:
