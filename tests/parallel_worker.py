@@ -73,6 +73,13 @@ def run_config(
     return cfg
 
 
+def held_out() -> torch.Tensor:
+    """5 evaluation samples: micro-batches of 2, 2 and 1 (a last one of another shape, and a
+    count that is no multiple of the pipeline stages)."""
+    g = torch.Generator().manual_seed(13)
+    return torch.randint(0, VOCAB, (5, SEQ + 1), generator=g)
+
+
 def global_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     return [torch.randint(0, VOCAB, (GLOBAL, SEQ + 1), generator=g) for _ in range(STEPS)]
@@ -89,15 +96,23 @@ def model_options(layout: dict) -> dict:
 
 
 def summary(out: list) -> dict:
-    """Losses, gradient norms and the MoE metrics (balance, aux/z losses, loads) per step."""
+    """Losses, gradient norms and the MoE metrics (balance, aux/z losses, loads) per step; the
+    pipeline metrics (bubble fractions) of the last step."""
     moe = [{k: v for k, v in o.metrics.items() if k.startswith("moe/")} for o in out]
-    return {"loss": [o.loss for o in out], "grad_norm": [o.grad_norm for o in out], "moe": moe}
+    pipeline = {k: v for k, v in out[-1].metrics.items() if k.startswith("pipeline/")}
+    return {
+        "loss": [o.loss for o in out],
+        "grad_norm": [o.grad_norm for o in out],
+        "moe": moe,
+        "pipeline": pipeline,
+    }
 
 
 def reference(layout: dict) -> dict:
     cfg = run_config(0, 1, 1, **model_options(layout))
     module = SingleProcessTrainModule(cfg, Grid.one_process())
-    return summary([module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()])
+    out = [module.train_step(micro_batches(b, 0, 1), 3e-3) for b in global_batches()]
+    return {**summary(out), "eval": module.eval_loss(held_out(), MICRO)}
 
 
 def run_layout(layout: dict) -> dict:
@@ -113,10 +128,11 @@ def run_layout(layout: dict) -> dict:
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
     ]
+    evaluated = module.eval_loss(held_out(), MICRO)
     del module
     ps.destroy_model_parallel()
     assert world is None or dist.get_world_size() == world
-    return summary(out)
+    return {**summary(out), "eval": evaluated, "micro_batches": GLOBAL // (MICRO * grid.dp)}
 
 
 def watchdog(pieces: int = 1) -> None:

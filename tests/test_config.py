@@ -182,6 +182,9 @@ def test_design_field_names_exist(key):
 # ---- bad input, in process: ConfigError names the key ------------------------------------------
 
 
+PP2_V2 = ["launch.nproc_per_node=2", "parallel.pipeline=2", "parallel.virtual_stages=2"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
@@ -277,6 +280,17 @@ def test_design_field_names_exist(key):
             "parallel.pipeline",
         ),
         (["launch.nproc_per_node=3"], "trainer.global_batch_size"),
+        (["parallel.virtual_stages=0"], "parallel.virtual_stages"),
+        (["launch.nproc_per_node=2", "parallel.virtual_stages=2"], "parallel.virtual_stages"),
+        (  # interleaving cuts the pattern into pp x virtual_stages chunks: 4 parts, not 2
+            [*PP2_V2, "model.pattern=*-|*-"],
+            "parallel.virtual_stages",
+        ),
+        ([*PP2_V2, "model.pattern=*-*"], "parallel.virtual_stages"),  # 4 chunks, 3 sub-layers
+        (  # 3 micro-batches a step cannot go round 2 stages in groups of 2
+            [*PP2_V2, "trainer.global_batch_size=6", "trainer.micro_batch_size=2"],
+            "trainer.global_batch_size",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v),
 )

@@ -3,6 +3,7 @@ checkpoints, resuming them under other layouts, and what happens when a rank die
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -211,3 +212,33 @@ def test_pc_layer_vectors_travel_in_sharded_checkpoints(tiny_data, tmp_path):
     assert set(got) == {3, 4}
     for step in (3, 4):
         assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
+
+
+def test_interleaved_pipeline_resumes_a_checkpoint_and_writes_the_same_model(tiny_data, tmp_path):
+    """Checkpoints keep dense names whatever the chunks: a pp 2 checkpoint resumed with 2
+    virtual stages (4 chunks, interleaved 1F1B) continues with the same losses, and its own
+    checkpoint holds the same model as the uninterrupted pp 2 run's."""
+    flat = ("model.pattern=*-ME", "parallel.pipeline=2", "--nproc-per-node", "2")  # no '|'
+    plain, interleaved = tmp_path / "pp2", tmp_path / "pp2_v2"
+    train(tiny_data, plain, *flat)
+    step2 = plain / "checkpoints" / "step_00000002"
+    proc = train(
+        tiny_data, interleaved, *flat, "parallel.virtual_stages=2", f"trainer.resume_from={step2}"
+    )
+    assert "[resume]" in proc.stdout + proc.stderr
+    want, got = logged_losses(plain), logged_losses(interleaved)
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
+    # The step metrics show what interleaving saves: (P - 1) / (v m + P - 1), m = 4.
+    rows = [json.loads(line) for line in (interleaved / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "loss" in row][-1]
+    assert logged["pipeline/bubble"] == pytest.approx(1 / 9)
+    assert logged["pipeline/bubble_1f1b"] == pytest.approx(1 / 5)
+    ours, theirs = (
+        CheckpointReader(verify_checkpoint(run / "checkpoints" / "step_00000004")).model_state()
+        for run in (interleaved, plain)
+    )
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=TOLERANCE, atol=1e-6, msg=name)

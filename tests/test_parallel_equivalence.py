@@ -75,6 +75,8 @@ def compared_values(result: dict, ref: dict, layout: dict) -> list[tuple[str, fl
     for key, n in (("loss", loss_steps), ("grad_norm", steps)):
         for step, (got, want) in enumerate(zip(result[key][:n], ref[key][:n], strict=True), 1):
             pairs.append((f"step {step} {key}", got, want))
+    if not chaotic:  # the evaluation after the last step
+        pairs.append(("eval loss", result["eval"], ref["eval"]))
     # MoE metrics (aux and z losses, balance, per-sub-layer loads) as one process logs them.
     moe = zip(result["moe"][:steps], ref["moe"][:steps], strict=True)
     for step, (got, want) in enumerate(moe, 1):
@@ -92,6 +94,19 @@ def assert_matches_reference(payload: dict) -> None:
             assert rel <= TOLERANCE, f"{layout} {what}: {got} vs {want} ({rel:.1e})"
         # The steps really trained (the comparison is not between constants).
         assert ref["loss"][0] != ref["loss"][-1]
+        assert result["pipeline"] == expected_bubbles(layout, result["micro_batches"]), layout
+
+
+def expected_bubbles(layout: dict, m: int) -> dict[str, float]:
+    """The pipeline metrics a layout logs with m micro-batches a step: the share of the step
+    a rank idles, (P - 1) / (v m + P - 1), interleaved and not."""
+    pp, v = layout["pp"], layout.get("parallel", {}).get("virtual_stages", 1)
+    if pp == 1:
+        return {}
+    return {
+        "pipeline/bubble": (pp - 1) / (v * m + pp - 1),
+        "pipeline/bubble_1f1b": (pp - 1) / (m + pp - 1),
+    }
 
 
 def test_two_rank_layouts_match_one_process(tmp_path):
@@ -101,6 +116,7 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 1, "pp": 1, "zero": 1},  # dp = 2
         {"tp": 1, "pp": 1, "zero": 2},
         {"tp": 1, "pp": 1, "zero": 3},
+        {"tp": 1, "pp": 2, "zero": 1, "parallel": {"virtual_stages": 2}},  # interleaved 1F1B
     ]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
@@ -129,6 +145,10 @@ MOE_EVERY_STAGE = [
 SP = {"parallel": {"sequence_parallel": True}}
 # Expert parallelism over 2 of the data-parallel ranks (trainer/parallel/expert_parallel.py).
 EP2 = {"parallel": {"expert": 2}}
+# Interleaved 1F1B, 2 chunks per rank: rank 0 runs chunks 0 and 2, rank 1 chunks 1 and 3, each
+# with a MoE sub-layer; the embeddings stay tied across the first and last rank.
+INTERLEAVED = {"virtual_stages": 2}
+MOE_EVERY_CHUNK = {"pattern": "E*|*E|E-|ME", "top_k": 2}
 
 
 def test_moe_on_every_stage_matches_one_process(tmp_path):
@@ -136,6 +156,7 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
     layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[1]}]
     layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[2], **SP}]  # tmm: (x, v)
     layouts += [{"tp": 1, "pp": 1, "zero": 2, **MOE_EVERY_STAGE[2]}]  # dp 2
+    layouts += [{"tp": 1, "pp": 2, "zero": 1, **MOE_EVERY_CHUNK, "parallel": INTERLEAVED}]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
 
@@ -151,6 +172,7 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
         {"tp": 1, "pp": 2, "zero": 2, **EP2, **MOE_EVERY_STAGE[1]},  # top-2
         {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
     ]
+    layouts += [{"tp": 2, "pp": 2, "zero": 1, "parallel": INTERLEAVED}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 

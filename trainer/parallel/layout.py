@@ -15,7 +15,6 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
     unbuilt = {
         "parallel.recompute": p.recompute != "none",
-        "parallel.virtual_stages": p.virtual_stages != 1,
     }
     for key, set_ in unbuilt.items():  # being built (issue 14); refused until then
         if set_:
@@ -24,12 +23,13 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
         check_sequence_parallel(cfg)
     if p.expert != 1:
         check_expert_parallel(cfg, world)
+    check_virtual_stages(cfg, world)
     if world == 1:
         return
     from trainer.parallel.stages import stage_layer_ranges
 
     check_tensor_parallel(cfg.model, p.tensor)
-    stage_layer_ranges(cfg.model, p.pipeline)
+    stage_layer_ranges(cfg.model, p.pipeline, p.virtual_stages)
     if cfg.optim.name not in DISTRIBUTED_OPTIMIZERS:
         raise ConfigError(
             "optim.name",
@@ -95,4 +95,31 @@ def check_expert_parallel(cfg: RunConfig, world: int) -> None:
         raise ConfigError(
             "parallel.zero_stage",
             "ZeRO-3 does not combine with parallel.expert > 1; use parallel.zero_stage=1 or 2",
+        )
+
+
+def check_virtual_stages(cfg: RunConfig, world: int) -> None:
+    """Interleaved 1F1B needs several stages and runs micro-batches in groups of
+    ``parallel.pipeline`` (Megatron's rule); the chunk count is checked with the cut."""
+    p = cfg.parallel
+    v = p.virtual_stages
+    if v < 1:
+        raise ConfigError("parallel.virtual_stages", f"must be at least 1, got {v}")
+    if v == 1:
+        return
+    if p.pipeline == 1:
+        raise ConfigError(
+            "parallel.virtual_stages",
+            f"{v} virtual stages need pipeline parallelism; set parallel.pipeline > 1 or "
+            "parallel.virtual_stages=1",
+        )
+    m = grad_accumulation_steps(cfg, world)
+    if m % p.pipeline:
+        t = cfg.trainer
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"interleaved 1F1B (parallel.virtual_stages={v}) runs micro-batches in groups of "
+            f"parallel.pipeline={p.pipeline}, but trainer.global_batch_size={t.global_batch_size} "
+            f"/ (trainer.micro_batch_size={t.micro_batch_size} x dp) gives {m} a step; make it "
+            f"a multiple of {p.pipeline}",
         )

@@ -1,4 +1,4 @@
-"""Pipeline stages: where the pattern is cut, and the part of the model one stage runs.
+"""Pipeline stages: where the pattern is cut, and the chunks of the model one stage runs.
 
 A stage keeps the dense model's parameter names (``layers.7.inner.wq.weight`` stays that on
 whichever stage holds sub-layer 7), so checkpoints and resharding never depend on the layout.
@@ -16,39 +16,58 @@ from arch.registry import ConfigError
 from arch.residual import State
 
 
-def stage_layer_ranges(cfg: ModelConfig, stages: int) -> list[tuple[int, int]]:
-    """[start, end) sub-layer indices of each pipeline stage.
+def stage_layer_ranges(
+    cfg: ModelConfig, stages: int, virtual_stages: int = 1
+) -> list[tuple[int, int]]:
+    """[start, end) sub-layer indices of each of the ``stages x virtual_stages`` model chunks,
+    in model order; pipeline rank p runs chunks p, p + stages, p + 2 stages, ... (Megatron's
+    assignment, `rank_chunks`). Without virtual stages a chunk is a stage.
 
-    Cut at ``|`` in the pattern when it has them (then their count must match), else balanced:
-    equal numbers of sub-layers, the earlier stages taking the remainder (the last stage also
-    runs the output head).
+    Cut at ``|`` in the pattern when it has them (then the pattern must have one part per
+    chunk), else balanced: equal numbers of sub-layers, the earlier chunks taking the remainder
+    (the last one also runs the output head).
     """
-    n = len(cfg.layers)
-    if STAGE_SEPARATOR in cfg.pattern and stages > 1:
+    n, chunks = len(cfg.layers), stages * virtual_stages
+    # The key a user changes to fix a bad count: the virtual stages when they are in play.
+    key = "parallel.virtual_stages" if virtual_stages > 1 else "parallel.pipeline"
+    what = (
+        f"{stages} stages x {virtual_stages} virtual stages = {chunks} chunks"
+        if virtual_stages > 1
+        else f"{stages} stages"
+    )
+    if STAGE_SEPARATOR in cfg.pattern and chunks > 1:
         parts = cfg.pattern.split(STAGE_SEPARATOR)
-        if len(parts) != stages:
+        if len(parts) != chunks:
+            fix = (
+                f"cut model.pattern into {chunks} parts"
+                if virtual_stages > 1
+                else f"set parallel.pipeline={len(parts)}"
+            )
             raise ConfigError(
-                "parallel.pipeline",
-                f"{stages} stages, but model.pattern {cfg.pattern!r} has {len(parts)} stages cut "
-                f"by '|'; set parallel.pipeline={len(parts)} or remove the '|' to balance "
-                f"automatically",
+                key,
+                f"{what}, but model.pattern {cfg.pattern!r} has {len(parts)} parts cut by "
+                f"'|'; {fix} or remove the '|' to balance automatically",
             )
         ranges, start = [], 0
         for part in parts:
             ranges.append((start, start + len(part)))
             start += len(part)
         return ranges
-    if stages > n:
-        raise ConfigError(
-            "parallel.pipeline", f"{stages} stages for {n} sub-layers; use at most {n}"
-        )
-    base, extra = divmod(n, stages)
+    if chunks > n:
+        raise ConfigError(key, f"{what} for {n} sub-layers; use at most {n}")
+    base, extra = divmod(n, chunks)
     ranges, start = [], 0
-    for s in range(stages):
-        size = base + (1 if s < extra else 0)
+    for c in range(chunks):
+        size = base + (1 if c < extra else 0)
         ranges.append((start, start + size))
         start += size
     return ranges
+
+
+def rank_chunks(ranges: list[tuple[int, int]], stage: int, stages: int) -> list[tuple[int, int]]:
+    """The chunks pipeline rank ``stage`` runs, in model order: every ``stages``-th one from
+    its own, so a micro-batch visits the ranks in a ring, ``len(ranges) / stages`` times."""
+    return ranges[stage::stages]
 
 
 def state_shapes(
@@ -64,22 +83,24 @@ def state_shapes(
 
 
 class PipelineStage(nn.Module):
-    """Sub-layers [start, end) of a (possibly tensor-parallel) HybridLM, plus the embedding on
-    the first stage and the final norm + head on the last.
+    """The chunks (sub-layer ranges) one pipeline rank runs of a (possibly tensor-parallel)
+    HybridLM, plus the embedding on the first rank and the final norm + head on the last.
 
-    ``forward`` maps token ids (first stage) or the residual state received from the previous
-    stage to the state for the next stage, or to logits on the last stage. With tied embeddings
-    and several stages the last stage holds a copy of the embedding as ``tied_head`` (a plain
-    tensor, not a parameter); the schedule adds its gradient to the first stage's embedding and
-    sends the updated weight back after every step.
+    ``forward(..., chunk)`` maps token ids (the model's first chunk) or the residual state
+    received from the previous chunk to the state for the next chunk, or to logits for the
+    model's last chunk. With tied embeddings and several stages the last stage holds a copy of
+    the embedding as ``tied_head`` (a plain tensor, not a parameter); the schedule adds its
+    gradient to the first stage's embedding and sends the updated weight back after every step.
     """
 
-    def __init__(self, model: HybridLM, start: int, end: int, first: bool, last: bool) -> None:
+    def __init__(
+        self, model: HybridLM, chunks: list[tuple[int, int]], first: bool, last: bool
+    ) -> None:
         super().__init__()
         self.cfg = model.cfg
-        self.start, self.end, self.first, self.last = start, end, first, last
+        self.chunks, self.first, self.last = list(chunks), first, last
         for i in range(len(model.layers)):
-            if not start <= i < end:
+            if not any(start <= i < end for start, end in chunks):
                 model.layers[i] = nn.Identity()  # keeps the global index of the stage's layers
         self.tied_head: torch.Tensor | None = None
         if last and not first and model.head is None:
@@ -92,12 +113,25 @@ class PipelineStage(nn.Module):
             model.head = None
         self.model = model
 
+    def starts_model(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the model's first (it embeds the tokens)."""
+        return self.first and chunk == 0
+
+    def ends_model(self, chunk: int) -> bool:
+        """Whether ``chunk`` is the model's last (it returns logits)."""
+        return self.last and chunk == len(self.chunks) - 1
+
     def forward(
-        self, inputs: torch.Tensor | State, input_ids: torch.Tensor, doc_ids: torch.Tensor | None
+        self,
+        inputs: torch.Tensor | State | None,
+        input_ids: torch.Tensor,
+        doc_ids: torch.Tensor | None,
+        chunk: int = 0,
     ) -> State | torch.Tensor:
         m = self.model
-        state = m.embed_tokens(input_ids) if self.first else inputs
-        state = m.run_layers(state, doc_ids, self.start, self.end)
-        if not self.last:
+        start, end = self.chunks[chunk]
+        state = m.embed_tokens(input_ids) if self.starts_model(chunk) else inputs
+        state = m.run_layers(state, doc_ids, start, end)
+        if not self.ends_model(chunk):
             return state
         return m.logits(m.norm(state["x"]), weight=self.tied_head)

@@ -1,4 +1,4 @@
-"""The distributed TrainModule: tensor-parallel stage, 1F1B schedule, one DeepSpeed engine per stage.
+"""The distributed TrainModule: tensor-parallel stage, (interleaved) 1F1B, one DeepSpeed engine per stage.
 
 Implements `trainer.train_module_base.TrainModule` for a grid of several processes, so the
 Trainer does not know which module it drives. Recipe (measured in ../shared/reference/parallel.md):
@@ -8,9 +8,11 @@ Trainer does not know which module it drives. Recipe (measured in ../shared/refe
 - a DeepSpeed engine per stage over the data-parallel group (Megatron groups via `MegatronMPU`),
   ZeRO 1/2 (3 only without pipelining), with a torch optimizer instance (no JIT-built ops);
   "no ZeRO" is ZeRO-1, which partitions nothing at dp = 1 but keeps the gradient norm exact;
-- the last stage calls ``engine.backward(loss)``; the others a scalar surrogate
+- the model's last chunk calls ``engine.backward(loss)``; the others a scalar surrogate
   sum(output * grad) with ``scale_wrt_gas=False``; the optimizer steps only after the stage has
-  sent its last input gradients (the boundary step all-reduces the norm over TP x PP).
+  sent its last input gradients (the boundary step all-reduces the norm over TP x PP);
+- with ``parallel.virtual_stages`` v > 1 a stage holds v chunks (interleaved 1F1B), all under
+  the one engine: the gradient-accumulation boundary is the step's last backward of any chunk.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
 from trainer.parallel.grid import Grid, MegatronMPU
-from trainer.parallel.p2p import StageLink
-from trainer.parallel.schedule import forward_only, one_f_one_b
+from trainer.parallel.p2p import RingLink, StageLink
+from trainer.parallel.schedule import (
+    bubble_fraction,
+    forward_only,
+    interleaved_forward_only,
+    interleaved_one_f_one_b,
+    one_f_one_b,
+)
 from trainer.parallel.sequence_parallel import reduce_sequence_parallel_grads
-from trainer.parallel.stages import PipelineStage, stage_layer_ranges, state_shapes
+from trainer.parallel.stages import PipelineStage, rank_chunks, stage_layer_ranges, state_shapes
 from trainer.parallel.tensor_parallel import MegatronTensorParallel
 from trainer.parallel.watchdog import operation
 from trainer.rng import rng_state
@@ -105,11 +113,13 @@ class ParallelTrainModule(TrainModule):
         if grid.ep > 1:
             group = self.ps.get_expert_model_parallel_group()
             reduce_expert_parallel_grads(model, cfg.model, group, grid.ep_rank)
-        start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
-        self.stage = PipelineStage(model, start, end, grid.is_first_stage, grid.is_last_stage)
-        # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
+        self.virtual = cfg.parallel.virtual_stages
+        ranges = stage_layer_ranges(cfg.model, grid.pp, self.virtual)
+        chunks = rank_chunks(ranges, grid.pp_rank, grid.pp)
+        self.stage = PipelineStage(model, chunks, grid.is_first_stage, grid.is_last_stage)
+        # Each chunk adds its share of the auxiliary losses: its reports over the whole model's.
         self.aux_counts = aux_loss_counts(cfg.model)
-        self.stage_aux_counts = aux_loss_counts(cfg.model, range(start, end))
+        self.chunk_aux_counts = [aux_loss_counts(cfg.model, range(s, e)) for s, e in chunks]
         if self.stage.model.embed is not None:
             self.stage.model.embed.weight._no_weight_decay = True  # as for nn.Embedding
         if resume is not None:
@@ -134,6 +144,16 @@ class ParallelTrainModule(TrainModule):
             self._load_optimizer(resume)
         post_optimizer_step(self.stage)
         self.link = StageLink(grid.prev_rank, grid.next_rank, grid.device)
+        # Interleaving: the last rank's chunk c feeds the first rank's chunk c + 1 (a ring).
+        self.ring = (
+            RingLink(
+                ps.get_pipeline_model_parallel_prev_rank(),
+                ps.get_pipeline_model_parallel_next_rank(),
+                grid.device,
+            )
+            if self.virtual > 1
+            else None
+        )
         self._first_peer = ps.get_pipeline_model_parallel_first_rank()
         self._last_peer = ps.get_pipeline_model_parallel_last_rank()
 
@@ -152,32 +172,38 @@ class ParallelTrainModule(TrainModule):
         metrics: Totals = {}
         precision = self.cfg.trainer.precision
 
-        def forward(i: int, received):
+        backwards = 0  # of the step's m x v; the last one is the accumulation boundary
+
+        def forward(chunk: int, i: int, received):
             kwargs, targets = model_inputs(batches[i], self.eos_id)
             if received is not None:
                 for t in received.values():
                     t.requires_grad_(True)
-            counts = (self.aux_counts, self.stage_aux_counts)
+            counts = (self.aux_counts, self.chunk_aux_counts[chunk])
             with autocast(precision, g.device.type), recording(*counts) as recorder:
-                out = engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
+                out = engine(received, kwargs["input_ids"], kwargs.get("doc_ids"), chunk)
             aux = recorder.losses
             add_totals(metrics, recorder.totals())
-            if stage.last:
+            if stage.ends_model(chunk):
                 lm = self.tp.cross_entropy(out, targets)
                 lm_losses.append(lm.detach())
                 out = lm + sum(aux.values()) if aux else lm
             return out, (received, aux)
 
-        def backward(i: int, out, out_grads, ctx):
+        def backward(chunk: int, i: int, out, out_grads, ctx):
+            nonlocal backwards
             received, aux = ctx
-            engine.set_gradient_accumulation_boundary(i == m - 1)
-            if stage.last:
+            backwards += 1
+            last = backwards == m * self.virtual
+            engine.set_gradient_accumulation_boundary(last)
+            if stage.ends_model(chunk):
                 engine.backward(out)  # DeepSpeed divides by the m micro-batches
             else:
                 surrogate = sum((out[k] * out_grads[k]).sum() for k in out if out[k].requires_grad)
-                if aux:  # this stage's MoE losses, scaled as the engine scales the LM loss
+                if aux:  # this chunk's MoE losses, scaled as the engine scales the LM loss
                     surrogate = surrogate + sum(aux.values()) / m
-                if i == m - 1 and self._tied_across_stages() and stage.first:
+                # The first rank's last backward is the embedding's chunk (last micro-batch).
+                if last and self._tied_across_stages() and stage.first:
                     surrogate = surrogate + self._tied_gradient_term()
                 engine.backward(surrogate, scale_wrt_gas=False)
             if received is None:
@@ -187,7 +213,20 @@ class ParallelTrainModule(TrainModule):
                 for k, t in received.items()
             }
 
-        one_f_one_b(m, g.pp_rank, g.pp, self.link, shapes, forward, backward)
+        if self.ring is not None:
+            interleaved_one_f_one_b(
+                m, g.pp_rank, g.pp, self.virtual, self.ring, shapes, forward, backward
+            )
+        else:  # v = 1: plain 1F1B over the one chunk
+            one_f_one_b(
+                m,
+                g.pp_rank,
+                g.pp,
+                self.link,
+                shapes,
+                lambda i, received: forward(0, i, received),
+                lambda i, out, out_grads, ctx: backward(0, i, out, out_grads, ctx),
+            )
         if stage.tied_head is not None:  # the last stage's share of the tied embedding's gradient
             with operation("send the tied-embedding gradient to the first stage"):
                 dist.send(stage.tied_head.grad.contiguous(), self._first_peer, tag=_TIED_TAG)
@@ -200,10 +239,14 @@ class ParallelTrainModule(TrainModule):
             torch.stack(lm_losses).mean() if lm_losses else None
         )
         norm = engine.get_global_grad_norm()
+        gathered = self._gather_metrics(metrics) if gather_metrics else {}
+        if gather_metrics and g.pp > 1:  # what interleaving saves, next to plain 1F1B
+            gathered["pipeline/bubble"] = bubble_fraction(g.pp, m, self.virtual)
+            gathered["pipeline/bubble_1f1b"] = bubble_fraction(g.pp, m)
         return StepResult(
             loss=loss,
             grad_norm=float(norm) if norm is not None else float("nan"),
-            metrics=self._gather_metrics(metrics) if gather_metrics else {},
+            metrics=gathered,
         )
 
     def _stage_seq(self, batch: torch.Tensor) -> int:
@@ -265,22 +308,27 @@ class ParallelTrainModule(TrainModule):
         """Mean loss over held-out samples; every data-parallel group evaluates all of them."""
         g, stage = self.grid, self.stage
         stage.eval()
-        chunks = [c.to(g.device) for c in samples.split(micro_batch_size)]
+        batches = [c.to(g.device) for c in samples.split(micro_batch_size)]
 
-        def forward(i: int, received):
-            kwargs, targets = model_inputs(chunks[i], self.eos_id)
+        def forward(chunk: int, i: int, received):
+            kwargs, targets = model_inputs(batches[i], self.eos_id)
             with autocast(self.cfg.trainer.precision, g.device.type):
-                out = self.engine(received, kwargs["input_ids"], kwargs.get("doc_ids"))
-            if stage.last:
-                return self.tp.cross_entropy(out, targets) * len(chunks[i])
+                out = self.engine(received, kwargs["input_ids"], kwargs.get("doc_ids"), chunk)
+            if stage.ends_model(chunk):
+                return self.tp.cross_entropy(out, targets) * len(batches[i])
             return out
 
-        outputs = forward_only(
-            len(chunks),
-            self.link,
-            lambda i: state_shapes(self.cfg.model, len(chunks[i]), self._stage_seq(chunks[i])),
-            forward,
-        )
+        def shapes_of(i: int):
+            return state_shapes(self.cfg.model, len(batches[i]), self._stage_seq(batches[i]))
+
+        if self.ring is not None:
+            outputs = interleaved_forward_only(
+                len(batches), g.pp_rank, g.pp, self.virtual, self.ring, shapes_of, forward
+            )
+        else:
+            outputs = forward_only(
+                len(batches), self.link, shapes_of, lambda i, received: forward(0, i, received)
+            )
         stage.train()
         total = torch.stack(outputs).sum() if stage.last else None
         return self._mean_over_pipeline_and_data(total) / len(samples)
