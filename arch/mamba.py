@@ -24,6 +24,7 @@ from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.selective_scan import (
     cuda_kernels,
     resolve_backend,
@@ -58,6 +59,8 @@ class Mamba(nn.Module):
     the local width): dt, B and C, full after x_proj's reduction and the replicated norms, enter
     the channel-split scan through ``tp.copy_to_region`` so their gradients sum over ranks.
     """
+
+    selective_recompute = "the selective scan (its states, fp32 copies, gate)"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -159,19 +162,26 @@ class Mamba(nn.Module):
         x = self._conv(x, backend, doc_ids)
         dt, B, C = self._dt_b_c(x)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the softplus
-        y = selective_scan(
-            x,
-            delta,
-            -torch.exp(fp32_or_wider(self.A_log)),
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            D=self.D,
-            z=z,
-            delta_bias=self.dt_proj.bias,
-            delta_softplus=True,
-            backend=backend,
-            keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
-        )
+        keep = None if doc_ids is None else document_starts(doc_ids).logical_not().float()
+
+        def scan(x, delta, B, C, z, keep):  # noqa: ANN001, ANN202 (tensors)
+            return selective_scan(
+                x,
+                delta,
+                -torch.exp(fp32_or_wider(self.A_log)),
+                B,
+                C,
+                D=self.D,
+                z=z,
+                delta_bias=self.dt_proj.bias,
+                delta_softplus=True,
+                backend=backend,
+                keep=keep,
+            )
+
+        # The `cpu` scan's [l, b, d, N] states (and the others' fp32 copies): not kept under
+        # parallel.recompute=selective.
+        y = recompute_region(scan, x, delta, B.transpose(1, 2), C.transpose(1, 2), z, keep)
         return self.out_proj(y.transpose(1, 2).to(h.dtype))
 
     def step(

@@ -40,6 +40,7 @@ from arch.config import ModelConfig
 from arch.layers_registry import FFNS
 from arch.mlp import MLP, MLP_SPLITS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.tensor_parallel_plan import DENSE, TensorParallel, TensorParallelPlan
 
 
@@ -51,6 +52,8 @@ def expert_hidden(cfg: ModelConfig) -> int:
 @FFNS.register("moe")
 class MoE(nn.Module):
     """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
+
+    selective_recompute = "the experts (their inputs and hidden activations)"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -119,11 +122,16 @@ class MoE(nn.Module):
             order = order[rank < cap]  # earliest tokens first (see the module docstring)
             counts = counts.clamp(max=cap)
         token = order // k
-        chunks = x[token].split(counts.tolist())
-        # Every expert runs, an unchosen one on zero tokens: its weights then get a (zero)
-        # gradient like all others, so data-parallel ranks reduce the same set of gradients.
-        outs = [e(c) for e, c in zip(self.experts, chunks, strict=True)]
-        y = torch.cat(outs) * weights.flatten()[order, None]
+        sizes = counts.tolist()
+
+        def run_experts(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+            chunks = x[token].split(sizes)
+            # Every expert runs, an unchosen one on zero tokens: its weights then get a (zero)
+            # gradient like all others, so data-parallel ranks reduce the same set of gradients.
+            return torch.cat([e(c) for e, c in zip(self.experts, chunks, strict=True)])
+
+        # Under recompute=selective the experts' activations are recomputed in the backward.
+        y = recompute_region(run_experts, x, token) * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -230,6 +230,7 @@ def test_design_field_names_exist(key):
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["parallel.zero_stage=3", "parallel.pipeline=2"], "parallel.zero_stage"),
         (["parallel.tensor=3"], "parallel.tensor"),
+        (["parallel.recompute=partial"], "parallel.recompute"),
         (["parallel.pipeline=99"], "parallel.pipeline"),
         (["data.eval_fraction=0"], "data.eval_fraction"),
         (["data.shard_size_bytes=100"], "data.shard_size_bytes"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from arch.model_plan import check_tensor_parallel
+from arch.recompute import check_mode
 from arch.registry import ConfigError
 from trainer.config import RunConfig, grad_accumulation_steps
 
@@ -13,8 +14,8 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     """Raise ConfigError (one line naming the key and the fix) for a layout that cannot work."""
     p = cfg.parallel
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
+    check_mode(p.recompute)
     unbuilt = {
-        "parallel.recompute": p.recompute != "none",
         "parallel.sequence_parallel": p.sequence_parallel,
         "parallel.expert": p.expert != 1,
         "parallel.virtual_stages": p.virtual_stages != 1,

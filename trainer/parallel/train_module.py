@@ -26,6 +26,7 @@ from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, shard_model
 from arch.model_plan import split_for_rank
+from arch.recompute import set_recompute
 from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
@@ -95,6 +96,7 @@ class ParallelTrainModule(TrainModule):
         self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
         self.tp = MegatronTensorParallel() if grid.tp > 1 else DENSE
         model = shard_model(dense, self.tp)
+        set_recompute(model, cfg.parallel.recompute)  # every rank recomputes the same sub-layers
         start, end = stage_layer_ranges(cfg.model, grid.pp)[grid.pp_rank]
         self.stage = PipelineStage(model, start, end, grid.is_first_stage, grid.is_last_stage)
         # Each stage adds its share of the auxiliary losses: its reports over the whole model's.
