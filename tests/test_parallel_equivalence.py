@@ -101,6 +101,12 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 1, "pp": 1, "zero": 1},  # dp = 2
         {"tp": 1, "pp": 1, "zero": 2},
         {"tp": 1, "pp": 1, "zero": 3},
+        # Activation recomputation: tensor-parallel collectives replayed in the backward (the
+        # MoE experts' all-reduce inside a selective region), the received pipeline state as a
+        # checkpoint's input, ZeRO-3 gathering parameters again for the recomputation.
+        {"tp": 2, "pp": 1, "zero": 1, "parallel": {"recompute": "selective"}},
+        {"tp": 1, "pp": 2, "zero": 1, "parallel": {"recompute": "full"}},
+        {"tp": 1, "pp": 1, "zero": 3, "parallel": {"recompute": "full"}},
     ]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
@@ -134,6 +140,8 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
 def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts = [{"tp": 2, "pp": 2, "zero": 1}, {"tp": 2, "pp": 2, "zero": 2}]
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
+    full = {"parallel": {"recompute": "full"}}  # MoE losses on both stages, not counted twice
+    layouts += [{"tp": 2, "pp": 2, "zero": 2, **full, **MOE_EVERY_STAGE[2]}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 
