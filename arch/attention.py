@@ -100,7 +100,7 @@ class Attention(nn.Module):
     ``n_kv_heads`` are the model's, the local counts come from the projections' shapes.
     """
 
-    selective_recompute = "the attention kernel (scores, softmax)"
+    selective_recompute = "attention kernel"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()

@@ -60,7 +60,7 @@ class Mamba(nn.Module):
     the channel-split scan through ``tp.copy_to_region`` so their gradients sum over ranks.
     """
 
-    selective_recompute = "the selective scan (its states, fp32 copies, gate)"
+    selective_recompute = "conv, x_proj and selective scan"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -158,31 +158,31 @@ class Mamba(nn.Module):
 
     def forward(self, h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         backend = resolve_backend(self.scan, h.device)
-        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
+        xz = self.in_proj(h)
+        # Between the two projections: a dozen [b, d, l] tensors and the scan's states (the
+        # `cpu` scan's [l, b, d, N]), recomputed in the backward under recompute=selective.
+        y = recompute_region(lambda xz, doc_ids: self._mix(xz, doc_ids, backend), xz, doc_ids)
+        return self.out_proj(y.transpose(1, 2).to(h.dtype))
+
+    def _mix(self, xz: torch.Tensor, doc_ids: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """conv, x_proj, dt/B/C and the gated scan: in_proj's output [b, l, 2 d] -> y [b, d, l]."""
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
         x = self._conv(x, backend, doc_ids)
         dt, B, C = self._dt_b_c(x)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the softplus
-        keep = None if doc_ids is None else document_starts(doc_ids).logical_not().float()
-
-        def scan(x, delta, B, C, z, keep):  # noqa: ANN001, ANN202 (tensors)
-            return selective_scan(
-                x,
-                delta,
-                -torch.exp(fp32_or_wider(self.A_log)),
-                B,
-                C,
-                D=self.D,
-                z=z,
-                delta_bias=self.dt_proj.bias,
-                delta_softplus=True,
-                backend=backend,
-                keep=keep,
-            )
-
-        # The `cpu` scan's [l, b, d, N] states (and the others' fp32 copies): not kept under
-        # parallel.recompute=selective.
-        y = recompute_region(scan, x, delta, B.transpose(1, 2), C.transpose(1, 2), z, keep)
-        return self.out_proj(y.transpose(1, 2).to(h.dtype))
+        return selective_scan(
+            x,
+            delta,
+            -torch.exp(fp32_or_wider(self.A_log)),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D,
+            z=z,
+            delta_bias=self.dt_proj.bias,
+            delta_softplus=True,
+            backend=backend,
+            keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
+        )
 
     def step(
         self, h: torch.Tensor, entry: MambaState | None, position: int = 0

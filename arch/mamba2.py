@@ -168,7 +168,7 @@ def _sizes(cfg: ModelConfig) -> tuple[int, int, int]:
 class Mamba2(nn.Module):
     """Mamba-2 (SSD) mixer: scalar decay per head, chunked matmul scan (model.mamba2)."""
 
-    selective_recompute = "the SSD scan (chunk decays, intra-chunk products)"
+    selective_recompute = "SSD scan"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()

@@ -53,7 +53,7 @@ def expert_hidden(cfg: ModelConfig) -> int:
 class MoE(nn.Module):
     """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
 
-    selective_recompute = "the experts (their inputs and hidden activations)"
+    selective_recompute = "expert activations"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()

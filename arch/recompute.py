@@ -126,4 +126,4 @@ def recompute_note(kind: str, plugin: object) -> str:
     what = getattr(plugin, "selective_recompute", None)
     if kind not in ("mixer", "ffn") or not what:
         return ""
-    return f"  [recompute selective: {what}]"
+    return f"  [selective recompute: {what}]"

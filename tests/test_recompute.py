@@ -125,7 +125,7 @@ def test_packed_documents_and_a_residual_with_two_oracle_calls(twice_residual):
         assert_identical(step(cfg, mode, eos=True), want, mode)
 
 
-def test_the_example_out_of_tree_plugin_under_full_recomputation():
+def test_the_example_out_of_tree_plugin_under_recomputation():
     path = REPO / "tests/example_plugin/hybridtron_example_plugin/retention.py"
     spec = importlib.util.spec_from_file_location("_example_retention", path)
     module = importlib.util.module_from_spec(spec)
@@ -135,9 +135,13 @@ def test_the_example_out_of_tree_plugin_under_full_recomputation():
         cfg = config("R-*E")
         cfg.symbols = {"R": "_test_retention"}
         want = step(cfg, "none")
-        assert_identical(step(cfg, "full"), want, "full")
-        assert_identical(step(cfg, "selective"), want, "selective")  # no region: kept
-        assert recompute_note("mixer", module.GatedRetention) == ""
+        for mode in ("selective", "full"):
+            assert_identical(step(cfg, mode), want, mode)
+        # Its selective region (the T x T scores) is not kept; `registry list` names it.
+        scores = torch.Size([B, cfg.n_heads, T, T])
+        assert scores in saved_shapes(cfg, "none")
+        assert scores not in saved_shapes(cfg, "selective")
+        assert "T x T" in recompute_note("mixer", module.GatedRetention)
     finally:
         MIXERS._items.pop("_test_retention", None)
 
@@ -180,7 +184,10 @@ def test_a_backward_inside_the_recording_block_reports_nothing_twice():
         with recording() as recorder:
             lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward(retain_graph=True)
             sum(recorder.losses.values()).backward()
-        assert {k: len(v) for k, v in recorder._losses.items()} == {"moe/aux_loss": 2, "moe/z_loss": 2}, mode
+        assert {k: len(v) for k, v in recorder._losses.items()} == {
+            "moe/aux_loss": 2,
+            "moe/z_loss": 2,
+        }, mode
         assert len(recorder._metrics["moe/balance"]) == 2, mode
         assert len(recorder._metrics["ffn/zero_fraction/L1"]) == 1, mode
 
