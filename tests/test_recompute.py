@@ -48,13 +48,19 @@ def ids(seed: int = 0, eos: bool = False) -> tuple[torch.Tensor, torch.Tensor | 
     return tokens, doc_ids
 
 
-def step(cfg: ModelConfig, mode: str, eos: bool = False) -> dict[str, torch.Tensor]:
-    """Loss, auxiliary losses, metrics and every gradient of one forward and backward."""
+def step(
+    cfg: ModelConfig, mode: str, eos: bool = False, bf16: bool = False
+) -> dict[str, torch.Tensor]:
+    """Loss, auxiliary losses, metrics and every gradient of one forward (``bf16``: under
+    autocast, as training does) and backward."""
     model = build_model(cfg, seed=0)
     set_recompute(model, mode)
     tokens, doc_ids = ids(eos=eos)
     counts = aux_loss_counts(cfg)
-    with recording(counts, counts) as recorder:
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        recording(counts, counts) as recorder,
+    ):
         logits = model(tokens[:, :-1], doc_ids)
     aux = recorder.losses
     loss = lm_loss(logits, tokens[:, 1:]) + sum(aux.values())
@@ -96,6 +102,7 @@ CASES = {
     "mamba chunked scan": ("MM", {"scan": "chunked"}),
     "mamba2": ("SS", {}),
     "mlp": ("--", {}),
+    "mlp and attention with the pc layer": ("*-", {"preconditioner": "pc"}),
     "moe": ("EE", {}),
     "moe with capacity": ("EE", {"capacity": 1.0}),
 }
@@ -108,6 +115,7 @@ def test_every_builtin_sub_layer_gives_identical_losses_and_gradients(case):
     cfg.mamba.scan = opts.get("scan", "auto")
     cfg.attention.name = opts.get("attention", "sdpa")
     cfg.moe.capacity_factor = opts.get("capacity")
+    cfg.preconditioner.name = opts.get("preconditioner", "none")
     want = step(cfg, "none")
     for mode in ("selective", "full"):
         assert_identical(step(cfg, mode), want, f"{case} {mode}")
@@ -123,6 +131,15 @@ def test_packed_documents_and_a_residual_with_two_oracle_calls(twice_residual):
     assert "moe/aux_loss" in want and "metric moe/balance" in want
     for mode in ("selective", "full"):
         assert_identical(step(cfg, mode, eos=True), want, mode)
+
+
+def test_bf16_autocast_is_replayed_in_the_recomputation():
+    """The backward (which recomputes) runs outside autocast, as in training."""
+    cfg = config("*M-E")
+    want = step(cfg, "none", bf16=True)
+    assert not torch.equal(want["loss"], step(cfg, "none")["loss"])  # bf16 did change it
+    for mode in ("selective", "full"):
+        assert_identical(step(cfg, mode, bf16=True), want, f"bf16 {mode}")
 
 
 def test_the_example_out_of_tree_plugin_under_recomputation():
