@@ -234,3 +234,26 @@ def test_no_grad_runs_plainly_and_modes_are_checked():
     assert err.value.key == "parallel.recompute"
     assert "none, selective, full" in str(err.value)
     assert "selective scan" in recompute_note("mixer", MIXERS.get("mamba"))
+
+
+def test_the_one_process_train_module_trains_identically_under_full_recomputation():
+    """`parallel.recompute` reaches the model through SingleProcessTrainModule: two optimizer
+    steps (micro-batches, clipping, AdamW) with the same losses, norms, metrics and weights."""
+    from trainer.config import RunConfig
+    from trainer.parallel.grid import Grid
+    from trainer.train_module import SingleProcessTrainModule
+
+    batches = [ids(seed)[0] for seed in range(4)]
+    runs = {}
+    for mode in ("none", "full"):
+        cfg = RunConfig()
+        cfg.model = config("M*E")
+        cfg.optim.grad_clip = 0.5
+        cfg.parallel.recompute = mode
+        module = SingleProcessTrainModule(cfg, Grid.one_process())
+        assert {layer.recompute for layer in module.model.layers} == {mode}
+        steps = [module.train_step(batches[i : i + 2], 1e-3) for i in (0, 2)]
+        runs[mode] = (steps, module.model.state_dict())
+    (want, want_state), (got, got_state) = runs["none"], runs["full"]
+    assert got == want and "moe/balance" in want[0].metrics
+    assert all(torch.equal(got_state[k], want_state[k]) for k in want_state)
