@@ -152,7 +152,7 @@ class Attention(nn.Module):
                 return self.kernel(q, k, v, self.cfg)
             return self.kernel(q, k, v, self.cfg, doc_ids=doc_ids)  # kernels that keep documents
 
-        out = recompute_region(core, q, k, v)  # the T x T part (eager; sparse masks)
+        out = recompute_region(core, q, k, v)  # eager and masked kernels keep T x T scores
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def step(
