@@ -21,6 +21,7 @@ from arch.config import AttentionConfig, ModelConfig
 from arch.documents import attention_mask
 from arch.layers_registry import ATTENTION, MIXERS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.rope import apply_rope, rope_cos_sin
 from arch.tensor_parallel_plan import (
     COLUMN_PARALLEL,
@@ -99,6 +100,8 @@ class Attention(nn.Module):
     ``n_kv_heads`` are the model's, the local counts come from the projections' shapes.
     """
 
+    selective_recompute = "attention kernel"
+
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         self.cfg = cfg.attention
@@ -144,10 +147,13 @@ class Attention(nn.Module):
         if self.cfg.rope:
             cos, sin = rope_cos_sin(t, self.head_dim, self.cfg.rope_theta, x.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if doc_ids is None:
-            out = self.kernel(q, k, v, self.cfg)
-        else:  # kernels that support packed documents take doc_ids
-            out = self.kernel(q, k, v, self.cfg, doc_ids=doc_ids)
+
+        def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if doc_ids is None:
+                return self.kernel(q, k, v, self.cfg)
+            return self.kernel(q, k, v, self.cfg, doc_ids=doc_ids)  # kernels that keep documents
+
+        out = recompute_region(core, q, k, v)  # eager and masked kernels keep T x T scores
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
     def step(

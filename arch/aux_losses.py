@@ -127,3 +127,15 @@ def recording(
         yield recorder
     finally:
         _ACTIVE.reset(token)
+
+
+@contextmanager
+def discarding(recorded: bool) -> Iterator[None]:
+    """Reports made inside are thrown away (e.g. a recomputed forward, `arch.recompute`): they
+    go to a throwaway recorder if ``recorded`` (the forward being replayed had one, so the same
+    ops run again), else nowhere."""
+    token = _ACTIVE.set(AuxRecorder() if recorded else None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)

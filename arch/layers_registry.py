@@ -4,6 +4,8 @@
   ``cls(cfg: ModelConfig, layer_index: int) -> nn.Module`` with ``forward(x) -> y``, x, y [B, T, D].
   One that declares ``tensor_parallel_plan(cfg)`` is built as ``cls(cfg, layer_index, tp)``
   in its local form (see ``arch.tensor_parallel_plan``); one without runs at tp = 1 only.
+  Under ``parallel.recompute=selective`` the parts it wraps in ``arch.recompute.recompute_region``
+  are recomputed in the backward (its ``selective_recompute`` attribute says which).
 - ``ffn``: channel mixer of a pattern sub-layer (``-`` mlp, ``E`` moe, ...); same signature.
 - ``attention``: an attention kernel ``fn(q, k, v, cfg: AttentionConfig) -> out`` on
   [B, heads, T, head_dim] tensors, k/v possibly with fewer (grouped) heads; causal.

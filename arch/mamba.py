@@ -24,6 +24,7 @@ from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.selective_scan import (
     cuda_kernels,
     resolve_backend,
@@ -58,6 +59,8 @@ class Mamba(nn.Module):
     the local width): dt, B and C, full after x_proj's reduction and the replicated norms, enter
     the channel-split scan through ``tp.copy_to_region`` so their gradients sum over ranks.
     """
+
+    selective_recompute = "conv, x_proj and selective scan"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -156,11 +159,19 @@ class Mamba(nn.Module):
 
     def forward(self, h: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         backend = resolve_backend(self.scan, h.device)
-        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
+        xz = self.in_proj(h)
+        # Between the two projections: a dozen [b, d, l] tensors and the scan's states (the
+        # `cpu` scan's [l, b, d, N]), recomputed in the backward under recompute=selective.
+        y = recompute_region(lambda xz, doc_ids: self._mix(xz, doc_ids, backend), xz, doc_ids)
+        return self.out_proj(y.transpose(1, 2).to(h.dtype))
+
+    def _mix(self, xz: torch.Tensor, doc_ids: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """conv, x_proj, dt/B/C and the gated scan: in_proj's output [b, l, 2 d] -> y [b, d, l]."""
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # [b, d, l] each
         x = self._conv(x, backend, doc_ids)
         dt, B, C = self._dt_b_c(x)
         delta = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # bias added inside the softplus
-        y = selective_scan(
+        return selective_scan(
             x,
             delta,
             -torch.exp(fp32_or_wider(self.A_log)),
@@ -173,7 +184,6 @@ class Mamba(nn.Module):
             backend=backend,
             keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
         )
-        return self.out_proj(y.transpose(1, 2).to(h.dtype))
 
     def step(
         self, h: torch.Tensor, entry: MambaState | None, position: int = 0

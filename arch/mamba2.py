@@ -29,6 +29,7 @@ from arch.config import ModelConfig
 from arch.documents import document_starts
 from arch.layers_registry import MIXERS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.tensor_parallel_plan import (
     COLUMN_PARALLEL,
     DENSE,
@@ -167,6 +168,8 @@ def _sizes(cfg: ModelConfig) -> tuple[int, int, int]:
 class Mamba2(nn.Module):
     """Mamba-2 (SSD) mixer: scalar decay per head, chunked matmul scan (model.mamba2)."""
 
+    selective_recompute = "SSD scan"
+
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
         m = cfg.mamba2
@@ -241,17 +244,16 @@ class Mamba2(nn.Module):
         dt = F.softplus(fp32_or_wider(dt) + fp32_or_wider(self.dt_bias))
         A = -torch.exp(fp32_or_wider(self.A_log))
         reset = None if doc_ids is None else document_starts(doc_ids)
-        with torch.autocast(device_type=h.device.type, enabled=False):  # the scan in fp32
-            y = ssd_chunked(
-                fp32_or_wider(x),
-                dt,
-                A,
-                fp32_or_wider(B),
-                fp32_or_wider(C),
-                self.chunk_size,
-                reset=reset,
-            )
-            y = y + fp32_or_wider(self.D)[:, None] * fp32_or_wider(x)
+
+        def scan(x, dt, B, C, reset):  # noqa: ANN001, ANN202 (tensors)
+            with torch.autocast(device_type=h.device.type, enabled=False):  # the scan in fp32
+                x = fp32_or_wider(x)
+                y = ssd_chunked(
+                    x, dt, A, fp32_or_wider(B), fp32_or_wider(C), self.chunk_size, reset=reset
+                )
+                return y + fp32_or_wider(self.D)[:, None] * x
+
+        y = recompute_region(scan, x, dt, B, C, reset)  # not kept under recompute=selective
         y = self.norm(y.flatten(-2).to(h.dtype), z)
         return self.out_proj(y)
 

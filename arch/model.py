@@ -19,6 +19,7 @@ from arch.cache import InferenceCache, PerEvaluation, new_cache
 from arch.config import ModelConfig, validate_model_config
 from arch.layers_registry import FFNS, MIXERS, RESIDUALS
 from arch.model_plan import check_tensor_parallel, expert_of, split_of
+from arch.recompute import run_sublayer
 from arch.residual import State
 from arch.tensor_parallel_plan import DENSE, TensorParallel, has_plan, split_tensor
 
@@ -52,8 +53,13 @@ class SubLayer(nn.Module):
         self.residual = RESIDUALS.get(cfg.residual.name)(cfg, index)
         # Mixers that keep packed documents apart take `doc_ids`; the others never see it.
         self.takes_doc_ids = "doc_ids" in inspect.signature(self.inner.forward).parameters
+        # Activation recomputation (`arch.recompute.set_recompute`): none | selective | full.
+        self.recompute = "none"
 
     def forward(self, state: State, doc_ids: torch.Tensor | None = None) -> State:
+        return run_sublayer(self.recompute, self._update, state, doc_ids)
+
+    def _update(self, state: State, doc_ids: torch.Tensor | None) -> State:
         # Under sequence parallelism the state and the norm hold this rank's part of the
         # sequence; the plugin sees all of it (`TensorParallel.from_sequence_shard`).
         kwargs = {"doc_ids": doc_ids} if doc_ids is not None and self.takes_doc_ids else {}

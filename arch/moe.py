@@ -41,6 +41,7 @@ from arch.expert_parallel import run_experts
 from arch.layers_registry import FFNS
 from arch.mlp import MLP, MLP_SPLITS
 from arch.numerics import fp32_or_wider
+from arch.recompute import recompute_region
 from arch.tensor_parallel_plan import DENSE, TensorParallel, TensorParallelPlan
 
 
@@ -52,6 +53,8 @@ def expert_hidden(cfg: ModelConfig) -> int:
 @FFNS.register("moe")
 class MoE(nn.Module):
     """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
+
+    selective_recompute = "expert activations"
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -125,7 +128,12 @@ class MoE(nn.Module):
             order = order[rank < cap]  # earliest tokens first (see the module docstring)
             counts = counts.clamp(max=cap)
         token = order // k
-        y = run_experts(x[token], counts, self.experts, self.tp) * weights.flatten()[order, None]
+
+        def experts_out(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+            return run_experts(x[token], counts, self.experts, self.tp)
+
+        # Under recompute=selective the experts' activations are recomputed in the backward.
+        y = recompute_region(experts_out, x, token) * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype)), counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

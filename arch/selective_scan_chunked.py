@@ -154,12 +154,15 @@ class ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_h_last):  # noqa: ANN001
-        with _intra_op_threads(ctx.saved_tensors[-1][0].numel()):
-            return ChunkedScanFn._backward(ctx, grad_y, grad_h_last)
+        # saved_tensors read once: inside a recomputed region (`arch.recompute`) each saved
+        # tensor can be unpacked only once.
+        saved = ctx.saved_tensors
+        with _intra_op_threads(saved[-1][0].numel()):
+            return ChunkedScanFn._backward(ctx, saved, grad_y, grad_h_last)
 
     @staticmethod
-    def _backward(ctx, grad_y, grad_h_last):  # noqa: ANN001, ANN205
-        u, dt, a, b, c, keep, entering = ctx.saved_tensors
+    def _backward(ctx, saved, grad_y, grad_h_last):  # noqa: ANN001, ANN205
+        u, dt, a, b, c, keep, entering = saved
         chunk, length = ctx.chunk, u.shape[-1]
         grad_u, grad_dt = torch.empty_like(u), torch.empty_like(dt)
         grad_b, grad_c = torch.empty_like(b), torch.empty_like(c)

@@ -628,6 +628,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
     import data_pipeline  # noqa: F401  (each package registers its built-ins on import)
     import trainer  # noqa: F401
     from arch.model_plan import tensor_parallel_note
+    from arch.recompute import recompute_note
     from arch.registry import Registry
 
     registries = Registry.all()
@@ -640,7 +641,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
     for kind, registry in registries.items():
         print(f"{kind}: {registry.description}  [entry points: {registry.entry_point_group}]")
         for name, obj in registry.items():
-            print(f"  {name:<16} {Registry.doc_line(obj)}{tensor_parallel_note(kind, obj)}")
+            notes = tensor_parallel_note(kind, obj) + recompute_note(kind, obj)
+            print(f"  {name:<16} {Registry.doc_line(obj)}{notes}")
     return 0
 
 

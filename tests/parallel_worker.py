@@ -20,6 +20,7 @@ import torch.distributed as dist
 warnings.simplefilter("ignore")
 
 from arch.config import ModelConfig  # noqa: E402
+from arch.model import SubLayer  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
 from trainer.parallel.grid import Grid, init_grid  # noqa: E402
 from trainer.parallel.train_module import ParallelTrainModule  # noqa: E402
@@ -125,6 +126,8 @@ def run_layout(layout: dict) -> dict:
     for key, value in layout.get("parallel", {}).items():  # e.g. {"recompute": "full"}
         setattr(cfg.parallel, key, value)
     module = ParallelTrainModule(cfg, grid)  # GLOBAL // (MICRO * dp) micro-batches a step
+    modes = {m.recompute for m in module.stage.modules() if isinstance(m, SubLayer)}
+    assert modes == {cfg.parallel.recompute}, modes  # the option reached every sub-layer
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
     ]

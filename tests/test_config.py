@@ -233,6 +233,7 @@ PP2_V2 = ["launch.nproc_per_node=2", "parallel.pipeline=2", "parallel.virtual_st
         (["parallel.zero_stage=4"], "parallel.zero_stage"),
         (["parallel.zero_stage=3", "parallel.pipeline=2"], "parallel.zero_stage"),
         (["parallel.tensor=3"], "parallel.tensor"),
+        (["parallel.recompute=partial"], "parallel.recompute"),
         (["parallel.pipeline=99"], "parallel.pipeline"),
         (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),  # needs tp > 1
         (["launch.nproc_per_node=2", "parallel.expert=2"], "parallel.expert"),  # no experts

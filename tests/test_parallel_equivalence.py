@@ -117,6 +117,12 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 1, "pp": 1, "zero": 2},
         {"tp": 1, "pp": 1, "zero": 3},
         {"tp": 1, "pp": 2, "zero": 1, "parallel": {"virtual_stages": 2}},  # interleaved 1F1B
+        # Activation recomputation: tensor-parallel collectives replayed in the backward (the
+        # MoE experts' all-reduce inside a selective region), the received pipeline state as a
+        # checkpoint's input, ZeRO-3 gathering parameters again for the recomputation.
+        {"tp": 2, "pp": 1, "zero": 1, "parallel": {"recompute": "selective"}},
+        {"tp": 1, "pp": 2, "zero": 1, "parallel": {"recompute": "full"}},
+        {"tp": 1, "pp": 1, "zero": 3, "parallel": {"recompute": "full"}},
     ]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
@@ -163,8 +169,8 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
 def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts = [{"tp": 2, "pp": 2, "zero": 1}, {"tp": 2, "pp": 2, "zero": 2}]
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
-    # Sequence parallel at tp2 x pp2 (stages send the sequence part) and tp2 x dp2 (ZeRO-2).
-    layouts += [{"tp": 2, "pp": 2, "zero": 1, **SP}, {"tp": 2, "pp": 1, "zero": 2, **SP}]
+    # Sequence parallel at tp2 x dp2 (ZeRO-2); at tp 2 x pp 2 below, with recomputation.
+    layouts += [{"tp": 2, "pp": 1, "zero": 2, **SP}]
     # Expert parallelism (16 experts, 32 tokens a micro-batch: some get none on some ranks).
     layouts += [
         {"tp": 2, "pp": 1, "zero": 2, **EP2},  # tp 2 x dp 2, the experts split both ways
@@ -172,7 +178,12 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
         {"tp": 1, "pp": 2, "zero": 2, **EP2, **MOE_EVERY_STAGE[1]},  # top-2
         {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
     ]
-    layouts += [{"tp": 2, "pp": 2, "zero": 1, "parallel": INTERLEAVED}]
+    # Interleaved 1F1B with selective recomputation; full recomputation with sequence
+    # parallelism (stages send the sequence part; MoE losses on both stages, not counted twice).
+    selective = {"virtual_stages": 2, "recompute": "selective"}
+    full = {"recompute": "full", "sequence_parallel": True}
+    layouts += [{"tp": 2, "pp": 2, "zero": 1, "parallel": selective}]
+    layouts += [{"tp": 2, "pp": 2, "zero": 2, "parallel": full, **MOE_EVERY_STAGE[2]}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 

@@ -78,6 +78,7 @@ def test_the_registry_lists_the_installed_mixer(plugin_site):
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
     assert "gated_retention" in lines and "causal linear attention" in lines["gated_retention"]
     assert "[tp: all-reduce of wo's output" in lines["gated_retention"]  # its plan's collectives
+    assert "[selective recompute: T x T scores]" in lines["gated_retention"]  # its region
     assert "[tp: no plan" in lines["no_plan_mixer"]
     assert "attention" in lines  # the built-ins are still there
     assert "gated_retention" not in run_cli("registry", "list", "mixer").stdout  # not installed

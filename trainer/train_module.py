@@ -18,6 +18,7 @@ from arch.aux_losses import recording
 from arch.documents import document_ids
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
+from arch.recompute import set_recompute
 from trainer.config import RunConfig
 from trainer.optim import build_optimizer
 from trainer.parallel.grid import Grid
@@ -39,6 +40,7 @@ class SingleProcessTrainModule(TrainModule):
         # follows it. Checkpoints are written from CPU copies, so they load anywhere.
         self.device = grid.device
         self.model = build_model(cfg.model, seed=cfg.trainer.seed).to(self.device)
+        set_recompute(self.model, cfg.parallel.recompute)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         post_optimizer_step(self.model)  # e.g. the PC layer's first power iteration
         self.num_params = count_parameters(self.model)

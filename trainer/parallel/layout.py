@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from arch.model_plan import check_tensor_parallel, expert_plugins
+from arch.recompute import check_mode
 from arch.registry import ConfigError
 from trainer.config import RunConfig, grad_accumulation_steps
 
@@ -13,12 +14,7 @@ def validate_layout(cfg: RunConfig, world: int) -> None:
     """Raise ConfigError (one line naming the key and the fix) for a layout that cannot work."""
     p = cfg.parallel
     grad_accumulation_steps(cfg, world)  # tp x pp divides the world; the batch divides too
-    unbuilt = {
-        "parallel.recompute": p.recompute != "none",
-    }
-    for key, set_ in unbuilt.items():  # being built (issue 14); refused until then
-        if set_:
-            raise ConfigError(key, "is not available yet; leave it at its default")
+    check_mode(p.recompute)
     if p.sequence_parallel:
         check_sequence_parallel(cfg)
     if p.expert != 1:

@@ -28,6 +28,7 @@ from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, shard_model
 from arch.model_plan import expert_of, split_for_rank
+from arch.recompute import set_recompute
 from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
@@ -113,6 +114,7 @@ class ParallelTrainModule(TrainModule):
         if grid.ep > 1:
             group = self.ps.get_expert_model_parallel_group()
             reduce_expert_parallel_grads(model, cfg.model, group, grid.ep_rank)
+        set_recompute(model, cfg.parallel.recompute)  # every rank recomputes the same sub-layers
         self.virtual = cfg.parallel.virtual_stages
         ranges = stage_layer_ranges(cfg.model, grid.pp, self.virtual)
         chunks = rank_chunks(ranges, grid.pp_rank, grid.pp)

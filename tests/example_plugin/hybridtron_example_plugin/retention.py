@@ -6,7 +6,9 @@
 
 Under tensor parallelism each rank holds a block of heads: q, k, v, g column-parallel, the decay
 by head, W_o row-parallel (its output summed over ranks). The forward never asks how many ranks
-there are: the local head count comes from the projections' shapes.
+there are: the local head count comes from the projections' shapes. Under
+``parallel.recompute=selective`` the T x T part is recomputed in the backward instead of kept
+(`arch.recompute.recompute_region`); ``full`` recomputes the whole mixer, like any plugin.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from arch.config import ModelConfig
+from arch.recompute import recompute_region
 from arch.tensor_parallel_plan import (
     COLUMN_PARALLEL,
     DENSE,
@@ -29,6 +32,8 @@ from arch.tensor_parallel_plan import (
 
 class GatedRetention(nn.Module):
     """Gated retention: causal linear attention, a learned decay per head (example plugin)."""
+
+    selective_recompute = "T x T scores"  # `registry list` prints it
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()
@@ -72,10 +77,16 @@ class GatedRetention(nn.Module):
             return y.view(b, t, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.wq(x)), heads(self.wk(x)), heads(self.wv(x))
-        log_gamma = F.logsigmoid(self.decay)[:, None, None]  # [h, 1, 1]
-        pos = torch.arange(t, device=x.device, dtype=x.dtype)
-        lag = pos[:, None] - pos[None, :]  # [t, t]: t - s
-        mask = torch.exp(log_gamma * lag.clamp(min=0)) * (lag >= 0).to(x.dtype)
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim) * mask
-        y = (scores @ v).transpose(1, 2).reshape(b, t, -1)
+        # The memory-heavy part, a function of its inputs and the parameters only.
+        y = recompute_region(self._retention, q, k, v).transpose(1, 2).reshape(b, t, -1)
         return self.wo(y * F.silu(self.wg(x)))
+
+    def _retention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """sum_s gamma^(t - s) (q_t . k_s) v_s / sqrt(head_dim) per head, [b, h, t, p]."""
+        t = q.shape[-2]
+        log_gamma = F.logsigmoid(self.decay)[:, None, None]  # [h, 1, 1]
+        pos = torch.arange(t, device=q.device, dtype=q.dtype)
+        lag = pos[:, None] - pos[None, :]  # [t, t]: t - s
+        mask = torch.exp(log_gamma * lag.clamp(min=0)) * (lag >= 0).to(q.dtype)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim) * mask
+        return scores @ v
