@@ -120,7 +120,7 @@ class Mamba(nn.Module):
     def post_init_weights(self) -> None:
         """The original Mamba's init of A, D and dt_proj, which a generic Linear init would undo.
 
-        HybridLM calls this after its N(0, std) pass over every Linear (see `HybridLM.reset_parameters`).
+        The model calls this after its N(0, std) pass over every Linear (`arch.seeded_init.init_unit`).
         """
         d, n, r = self.d_inner, self.d_state, self.dt_rank
         self.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).expand(d, n))

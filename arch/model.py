@@ -1,14 +1,17 @@
 """The hybrid decoder: embeddings -> pattern of sub-layers over a residual state -> norm -> head.
 
-Built for one process by default; with a tensor-parallel context ``tp``
-(`arch.tensor_parallel_plan`) every plugin is built in its local form from its declared plan
-(`shard_model`), and the same ``forward`` runs split. The collectives live in the context.
+Built unit by unit (`unit_names`), each unit from its own seeded RNG stream
+(`arch.seeded_init`). With a tensor-parallel context ``tp`` (`arch.tensor_parallel_plan`)
+every plugin is built in its local form from its declared plan, on the meta device, and
+`materialize` fills each unit a rank holds with its shard of the one-process values; the same
+``forward`` runs split. The collectives live in the context.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
+import json
 from typing import Any
 
 import torch
@@ -21,10 +24,8 @@ from arch.layers_registry import FFNS, MIXERS, RESIDUALS
 from arch.model_plan import check_tensor_parallel, expert_of, split_of
 from arch.recompute import run_sublayer
 from arch.residual import State
+from arch.seeded_init import draw_seed, init_unit, rng_scope
 from arch.tensor_parallel_plan import DENSE, TensorParallel, has_plan, split_tensor
-
-# Projections whose output is added to the residual stream: initialised smaller (GPT-2 / Megatron).
-RESIDUAL_OUT_ROLES = ("wo", "w2", "out_proj")
 
 
 class SubLayer(nn.Module):
@@ -106,45 +107,38 @@ class SubLayer(nn.Module):
 class HybridLM(nn.Module):
     """Decoder-only language model described by ``cfg.pattern``; returns logits [B, T, vocab].
 
-    ``tp``: the parallel context its plugins are built with; ``init=False`` skips the
-    initialisation (`shard_model` copies the dense model's values in instead).
+    ``init``: build the one-process model, each unit constructed and initialised in its own RNG
+    scope (`arch.seeded_init`) from ``seed`` (None: a seed drawn from the global RNG).
+    ``init=False``: the bare structure, in its local form for the context ``tp``; build it on
+    the meta device and `materialize` it (or copy values in).
     """
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = DENSE, init: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel = DENSE,
+        init: bool = True,
+        seed: int | None = None,
+    ) -> None:
         super().__init__()
         validate_model_config(cfg)
+        if init and tp.size > 1:
+            raise ValueError(
+                "HybridLM(init=True) builds the one-process model; build a rank's "
+                "tensor-parallel part with arch.model.build_model(cfg, seed, tp)"
+            )
         self.cfg, self.tp = cfg, tp
-        vocab, d = cfg.padded_vocab_size, cfg.d_model
-        self.embed = tp.embedding(vocab, d)
-        self.state_init = RESIDUALS.get(cfg.residual.name).build_state_init(cfg)
-        self.layers = nn.ModuleList(SubLayer(cfg, i, s, tp) for i, s in enumerate(cfg.layers))
-        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        # Column-parallel over the vocabulary rows; only its weight is used (`logits`).
-        self.head = None if cfg.tie_embeddings else nn.Linear(d, vocab // tp.size, bias=False)
         if init:
-            self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """N(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(N).
-
-        N is the number of residual additions (sub-layers): GPT-2's rule, which Megatron writes
-        as 1/sqrt(2 L) for L blocks of two sub-layers each.
-
-        Then every sub-module with a ``post_init_weights()`` method re-applies its special init
-        (e.g. Mamba's A, D and dt bias), so a plugin's init survives this generic pass.
-        """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(len(self.layers))
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = any(f".{role}" in f".{name}" for role in RESIDUAL_OUT_ROLES)
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
-            elif isinstance(module, nn.RMSNorm):
-                nn.init.ones_(module.weight)
-        for module in self.modules():
-            if module is not self and callable(getattr(module, "post_init_weights", None)):
-                module.post_init_weights()
+            seed = draw_seed() if seed is None else seed
+            make = lambda name: seeded_unit(cfg, name, seed)  # noqa: E731
+        else:
+            make = lambda name: build_unit(cfg, name, tp)  # noqa: E731
+        self.embed = make("embed")
+        self.state_init = make("state_init")
+        self.layers = nn.ModuleList(make(f"layers.{i}") for i in range(len(cfg.layers)))
+        self.norm = make("norm")
+        # Column-parallel over the vocabulary rows; only its weight is used (`logits`).
+        self.head = None if cfg.tie_embeddings else make("head")
 
     def forward(self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] (under TP this rank's slice of the padded vocabulary, see
@@ -235,15 +229,135 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return DENSE.cross_entropy(logits, targets)
 
 
+def unit_names(cfg: ModelConfig) -> list[str]:
+    """The model's top-level units, each built and initialised on its own (`arch.seeded_init`)."""
+    names = ["embed", "state_init", *(f"layers.{i}" for i in range(len(cfg.layers))), "norm"]
+    return names if cfg.tie_embeddings else [*names, "head"]
+
+
+def build_unit(cfg: ModelConfig, name: str, tp: TensorParallel = DENSE) -> nn.Module:
+    """Unit ``name`` of the model, constructed (not initialised) in its local form for ``tp``."""
+    vocab, d = cfg.padded_vocab_size, cfg.d_model
+    if name == "embed":
+        return tp.embedding(vocab, d)
+    if name == "state_init":
+        return RESIDUALS.get(cfg.residual.name).build_state_init(cfg)
+    if name == "norm":
+        return nn.RMSNorm(d, eps=cfg.norm_eps)
+    if name == "head":
+        return nn.Linear(d, vocab // tp.size, bias=False)
+    index = int(name.removeprefix("layers."))
+    return SubLayer(cfg, index, cfg.layers[index], tp)
+
+
+def seeded_unit(cfg: ModelConfig, name: str, seed: int) -> nn.Module:
+    """Unit ``name`` of the one-process model of ``seed``, constructed and initialised in its
+    own RNG scopes: the same values whichever units are built around it."""
+    with rng_scope(seed, name):
+        unit = build_unit(cfg, name)
+        init_unit(unit, name, cfg, seed)
+    return unit
+
+
 def build_model(cfg: ModelConfig, seed: int | None = None, tp: TensorParallel = DENSE) -> HybridLM:
-    """Build the model, initialised from ``seed`` (same weights for the same seed and config);
-    under a tensor-parallel context ``tp``, this rank's part of that model (`shard_model`)."""
-    if seed is None:
-        return shard_model(HybridLM(cfg), tp)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        dense = HybridLM(cfg)
-    return shard_model(dense, tp)
+    """Build the model, initialised from ``seed`` (same weights for the same seed and config;
+    None: a seed from the global RNG); under a tensor-parallel context ``tp``, this rank's shard
+    of that model, built shard-only (`materialize`)."""
+    if tp.size == 1 and tp.expert_size == 1:
+        return HybridLM(cfg, seed=seed)
+    check_tensor_parallel(cfg, tp.size)
+    with torch.device("meta"):
+        model = HybridLM(cfg, tp=tp, init=False)
+    return materialize(model, draw_seed() if seed is None else seed)
+
+
+def model_fingerprint(cfg: ModelConfig, seed: int) -> str:
+    """What decides a model's start values: every rank of a run must agree on it."""
+    return json.dumps({"model": dataclasses.asdict(cfg), "seed": seed}, sort_keys=True, default=str)
+
+
+@torch.no_grad()
+def materialize(model: HybridLM, seed: int, device: str | torch.device = "cpu") -> HybridLM:
+    """Allocate, on ``device``, the units a meta-device ``model`` holds (all of them, or a
+    pipeline stage's: units set to None or nn.Identity are skipped) and fill each with this
+    rank's shard of the one-process model of ``seed``.
+
+    One unit at a time is built densely (`seeded_unit`), cut (`unit_shards`) and freed, so the
+    dense model never exists here; the TP ranks check first that they agree on config and seed.
+    """
+    cfg, tp = model.cfg, model.tp
+    tp.check_same_model(model_fingerprint(cfg, seed))
+    for name in unit_names(cfg):
+        local = held_unit(model, name)
+        if local is not None:
+            allocate(local, device)
+            fill_unit(local, name, unit_shards(cfg, name, seed, tp), cfg, tp)
+    return model
+
+
+def held_unit(model: HybridLM, name: str) -> nn.Module | None:
+    """Unit ``name`` of ``model``; None where a pipeline stage dropped it (None / nn.Identity)."""
+    if name.startswith("layers."):
+        unit = model.layers[int(name.removeprefix("layers."))]
+    else:
+        unit = getattr(model, name)
+    return None if unit is None or isinstance(unit, nn.Identity) else unit
+
+
+def allocate(module: nn.Module, device: str | torch.device) -> None:
+    """``module.to_empty(device)`` keeping what is marked on its parameters (Megatron's
+    ``tensor_model_parallel``, ``_no_weight_decay``): to_empty makes new Parameters."""
+    marks = {name: dict(vars(p)) for name, p in module.named_parameters()}
+    module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        vars(p).update(marks[name])
+
+
+def unit_shards(
+    cfg: ModelConfig, name: str, seed: int, tp: TensorParallel
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of every parameter and buffer of unit ``name`` of the one-process
+    model of ``seed`` (names relative to the unit; under expert parallelism only the experts
+    it holds). Views where possible: the dense unit lives as long as they do.
+
+    The dense unit is a whole sub-layer, all of a MoE's experts included: building only the held
+    experts (each has its own seed scope) would cut that transient further."""
+    dense = seeded_unit(cfg, name, seed)
+    tensors = {**dict(dense.named_parameters()), **dict(dense.named_buffers())}
+    out = {}
+    for rel, full in tensors.items():
+        if not holds(f"{name}.{rel}", cfg, tp):
+            continue  # an expert another expert-parallel rank holds
+        split = split_of(f"{name}.{rel}", cfg)
+        shard = full if split is None else split_tensor(full, split, tp.rank, tp.size)
+        out[rel] = shard.detach()
+    return out
+
+
+def fill_unit(
+    local: nn.Module,
+    name: str,
+    shards: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    tp: TensorParallel,
+) -> None:
+    """Copy unit ``name``'s shards (`unit_shards`) into its allocated local form ``local``;
+    split parameters are marked (`TensorParallel.mark_split`)."""
+    tensors = {**dict(local.named_parameters()), **dict(local.named_buffers())}
+    if tensors.keys() != shards.keys():
+        raise RuntimeError(
+            f"{name}: the parallel build changed the state keys: {set(tensors) ^ set(shards)}"
+        )
+    for rel, tensor in tensors.items():
+        if shards[rel].shape != tensor.shape:
+            raise RuntimeError(
+                f"{name}.{rel}: its plan gives a shard of {tuple(shards[rel].shape)}, the plugin "
+                f"built {tuple(tensor.shape)}; its tensor_parallel_plan and constructor disagree"
+            )
+        tensor.copy_(shards[rel])
+        split = split_of(f"{name}.{rel}", cfg)
+        if split is not None and isinstance(tensor, nn.Parameter) and tp.size > 1:
+            tp.mark_split(tensor, split)
 
 
 @torch.no_grad()
@@ -259,7 +373,8 @@ def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
     cfg = dense.cfg
     check_tensor_parallel(cfg, tp.size)
     state = dense.state_dict()
-    tp.check_same_model(state)
+    total = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
+    tp.check_same_model(repr(total))
     with torch.random.fork_rng(devices=[]):  # the local build's throwaway init draws nothing
         model = HybridLM(cfg, tp=tp, init=False)
     local = model.state_dict(keep_vars=True)

@@ -55,6 +55,9 @@ class MoE(nn.Module):
     """Top-k mixture of MLP experts, softmax router, dropless or capacity (model.moe)."""
 
     selective_recompute = "expert activations"
+    # Each expert initialises from its own RNG stream (`arch.seeded_init`): an expert's values
+    # depend on its name alone, so a rank can initialise only the experts it holds.
+    seed_scopes = ("experts.*",)
 
     def __init__(self, cfg: ModelConfig, layer_index: int, tp: TensorParallel = DENSE) -> None:
         super().__init__()

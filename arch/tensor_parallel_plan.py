@@ -78,6 +78,29 @@ def merge_tensors(shards: list[torch.Tensor], split: Split) -> torch.Tensor:
     )
 
 
+def shard_reads(
+    split: Split, saved_len: int, saved: int, rank: int, size: int
+) -> list[tuple[int, int, int]]:
+    """Where rank ``rank`` of ``size``'s shard of a tensor lies in ``saved`` saved shards of it
+    (each ``saved_len`` long along ``split.dim``, from `split_tensor` at size ``saved``):
+    (saved shard, start, length) along ``split.dim``, in order; the pieces concatenated are
+    the shard. So a rank reads only what overlaps its slice, whatever layout saved it."""
+    parts = [saved_len * saved] if split.parts is None else list(split.parts)
+    if sum(parts) != saved_len * saved:
+        raise ValueError(f"{saved} shards of {saved_len} do not make parts {split.parts}")
+    reads, offset = [], 0  # offset: where the current part starts inside a saved shard
+    for part in parts:
+        if part % saved or part % size:
+            raise ValueError(f"dim {split.dim} part of size {part} does not split evenly")
+        have, want = part // saved, part // size
+        lo, hi = rank * want, (rank + 1) * want
+        for k in range(lo // have, (hi - 1) // have + 1):
+            a, b = max(lo, k * have), min(hi, (k + 1) * have)
+            reads.append((k, offset + a - k * have, b - a))
+        offset += have
+    return reads
+
+
 @dataclass(frozen=True)
 class TensorParallelPlan:
     """How one plugin's state splits under TP (see the module docstring).
@@ -234,8 +257,9 @@ class TensorParallel:
     def mark_split(self, param: nn.Parameter, split: Split) -> None:
         """Tag a split parameter (Megatron counts its gradient norm on every rank)."""
 
-    def check_same_model(self, state: dict[str, torch.Tensor]) -> None:
-        """Raise when the ranks built different dense models (nothing to compare in one)."""
+    def check_same_model(self, fingerprint: str) -> None:
+        """Raise when the ranks start from different models: ``fingerprint`` (e.g. config and
+        seed, `arch.model.model_fingerprint`) differs between them (nothing to compare in one)."""
 
 
 DENSE = TensorParallel()

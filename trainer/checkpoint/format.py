@@ -50,6 +50,7 @@ CONFIG_FILE = "config.yaml"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
 OPTIM_SHARD_GLOB = "optim-pp*-tp*.pt"  # also optim-pp{p}-tp{t}-ep{e}.pt
+OPTIM_SHARD_FILE = re.compile(r"^optim-pp(\d+)-tp(\d+)(?:-ep\d+)?\.pt$")
 
 
 class CheckpointError(UserError):

@@ -8,9 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-from arch import HybridLM, build_model
+from arch import HybridLM
 from arch.config import ModelConfig
 from arch.hf import import_hf_dir, is_hf_dir
+from arch.model import allocate
 from arch.registry import UserError
 from trainer.checkpoint.discovery import is_checkpoint_source, resolve_checkpoint
 from trainer.checkpoint.format import Checkpoint
@@ -53,11 +54,7 @@ def _built(
     cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device
 ) -> HybridLM:
     with torch.device("meta"):
-        model = build_model(cfg)
-    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    model = model.to_empty(device=device)
-    for name, p in model.named_parameters():
-        # to_empty makes new Parameters: keep what plugins mark on theirs (_no_weight_decay)
-        vars(p).update(marks[name])
+        model = HybridLM(cfg, init=False)
+    allocate(model, device)  # keeps what plugins mark on their parameters (_no_weight_decay)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -3,15 +3,18 @@ the optimizer step, the trainer state (step, tokens, data position), RNG and con
 
 A one-process checkpoint holds the whole model (``model.safetensors``) and the torch optimizer's
 state dict, whose parameters are matched to names through the optimizer's groups. A multi-process
-one holds, per (pipeline stage, tensor rank), shards under their dense names: for each parameter
-the reader reads the shards that cover it and merges them into the dense tensor
-(`arch.model_plan.merge_shards`); a process of another layout then cuts its own shard
-(`arch.model_plan.split_for_rank`). So a checkpoint of any layout resumes under any other (one
-process included), with no conversion step, and eval and export read the dense model.
+one holds, per (pipeline stage, tensor rank), shards under their dense names. A process asks for
+its tensor-parallel slice of a parameter (``tensor(name, rank, size)``, ``moments(...)``; size 1:
+the dense tensor) and the reader reads only the parts of the saved shards that overlap it
+(`arch.tensor_parallel_plan.shard_reads`): safetensors slices, and the moment files mapped into
+memory, not loaded. So a checkpoint of any layout resumes under any other (one process
+included), with no conversion step, no rank reads more than its share (under the same layout:
+its own files only), and eval and export read the dense model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -20,9 +23,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from arch.model_plan import merge_shards
+from arch.model_plan import split_of
+from arch.tensor_parallel_plan import shard_reads
 from trainer.checkpoint.format import (
     MODEL_FILE,
+    OPTIM_SHARD_FILE,
     OPTIM_SHARD_GLOB,
     OPTIMIZER_FILE,
     SHARD_FILE,
@@ -63,19 +68,23 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self._shards)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The dense tensor of parameter (or buffer) ``name``."""
+    def tensor(self, name: str, rank: int = 0, size: int = 1) -> torch.Tensor:
+        """Tensor-parallel rank ``rank`` of ``size``'s slice of parameter (or buffer) ``name``
+        (size 1: the dense tensor), read from the saved shards that overlap it."""
         files = self._shards.get(name)
         if files is None:
             raise CheckpointError(
                 f"checkpoint {self.path} has no parameter {name!r}; it was written for another "
                 f"model"
             )
-        shards = []
-        for path in files:
-            with safe_open(path, "pt") as f:
-                shards.append(f.get_tensor(name))
-        return shards[0] if len(shards) == 1 else self._merge(name, shards)
+
+        def read(k: int, index: tuple[slice, ...] | None) -> torch.Tensor:
+            with safe_open(files[k], "pt") as f:
+                return f.get_tensor(name) if index is None else f.get_slice(name)[index]
+
+        with safe_open(files[0], "pt") as f:
+            shape = f.get_slice(name).get_shape()
+        return self._slice(name, len(files), shape, read, rank, size)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The whole model as one process holds it."""
@@ -83,14 +92,40 @@ class CheckpointReader:
             return load_file(self.path / MODEL_FILE)
         return {name: self.tensor(name) for name in self.names()}
 
+    def _slice(
+        self,
+        name: str,
+        saved: int,
+        shape: list[int] | torch.Size,
+        read: Callable[[int, tuple[slice, ...] | None], torch.Tensor],
+        rank: int,
+        size: int,
+    ) -> torch.Tensor:
+        """Rank ``rank`` of ``size``'s slice of ``name`` from its ``saved`` shards of ``shape``;
+        ``read(k, index)``: saved shard k, indexed (None: whole)."""
+        split = split_of(name, self.cfg)
+        if split is None or len(shape) <= split.dim:  # replicated (or a per-parameter scalar)
+            return read(rank if saved == size else 0, None)
+        if saved == size:  # the layout that saved it: this rank's own shard
+            return read(rank, None)
+        lead = (slice(None),) * split.dim
+        pieces = [
+            read(k, (*lead, slice(start, start + length)))
+            for k, start, length in shard_reads(split, shape[split.dim], saved, rank, size)
+        ]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, split.dim)
+
     # ---- optimizer -------------------------------------------------------------------------
     @cached_property
     def _optimizer(self) -> tuple[int, dict[str, list[Moments]]]:
-        """(optimizer step, name -> its moments as each tensor rank saved them)."""
+        """(optimizer step, name -> its moments as each tensor rank saved them). The files are
+        mapped into memory, not read: a rank touches only the slices it asks for."""
         if self.checkpoint.sharded:
             step, state = 0, {}
-            for path in sorted(self.path.glob(OPTIM_SHARD_GLOB)):
-                saved = torch.load(path, weights_only=False)
+            files = [(OPTIM_SHARD_FILE.match(p.name), p) for p in self.path.glob(OPTIM_SHARD_GLOB)]
+            ordered = sorted((int(m.group(1)), int(m.group(2)), p) for m, p in files if m)
+            for _, _, path in ordered:  # stage by stage, tensor ranks in order
+                saved = torch.load(path, weights_only=False, mmap=True)
                 step = saved["step"]
                 for name, moments in saved["state"].items():
                     state.setdefault(name, []).append(moments)
@@ -101,14 +136,16 @@ class CheckpointReader:
     def _torch_moments_by_name(self) -> tuple[int, dict[str, Moments]]:
         """A torch optimizer state dict's per-index state, named through the groups that
         `trainer.optim.param_groups` makes for this model (the order the optimizer saw)."""
-        from arch import build_model
+        from arch import HybridLM
         from trainer.optim import param_groups
 
-        saved = self.torch_optimizer_state()
+        file = self.path / OPTIMIZER_FILE
+        # Mapped, not read: a rank of another layout touches only its slices.
+        saved = torch.load(file, weights_only=False, mmap=True) if file.exists() else None
         if saved is None or not saved.get("state"):
             return 0, {}
         with torch.device("meta"):
-            model = build_model(self.cfg)
+            model = HybridLM(self.cfg, init=False)
         name_of = {id(p): n for n, p in model.named_parameters()}
         groups = param_groups(model, weight_decay=0.0)  # the grouping, not the values, matters
         if len(groups) != len(saved["param_groups"]):
@@ -132,14 +169,21 @@ class CheckpointReader:
         """The optimizer's step count (0: no moments saved, e.g. imported weights)."""
         return self._optimizer[0]
 
-    def moments(self, name: str) -> Moments:
-        """Dense optimizer state tensors of parameter ``name`` ({} when none was saved)."""
+    def moments(self, name: str, rank: int = 0, size: int = 1) -> Moments:
+        """Tensor-parallel rank ``rank`` of ``size``'s slice of the optimizer state tensors of
+        parameter ``name`` (size 1: dense; {} when none was saved)."""
         per_rank = self._optimizer[1].get(name)
         if not per_rank:
             return {}
-        if len(per_rank) == 1:
-            return per_rank[0]
-        return {key: self._merge(name, [m[key] for m in per_rank]) for key in per_rank[0]}
+        out = {}
+        for key, first in per_rank[0].items():
+
+            def read(k: int, index: tuple[slice, ...] | None, key: str = key) -> torch.Tensor:
+                saved = per_rank[k][key]
+                return saved.clone() if index is None else saved[index].clone()
+
+            out[key] = self._slice(name, len(per_rank), first.shape, read, rank, size)
+        return out
 
     def torch_optimizer_state(self) -> dict | None:
         """The torch optimizer's own state dict when one process wrote the checkpoint."""
@@ -176,6 +220,3 @@ class CheckpointReader:
         """The RNG that global rank ``rank`` of a multi-process run saved (None: not saved)."""
         file = self.path / rng_file(rank)
         return torch.load(file, weights_only=False) if file.exists() else None
-
-    def _merge(self, name: str, shards: list[torch.Tensor]) -> torch.Tensor:
-        return merge_shards(name, shards, self.cfg)

@@ -2,8 +2,9 @@
 
 Each plugin declares its plan and builds its local form from the context it is given
 (`arch.tensor_parallel_plan`); `arch.model.build_model(cfg, seed, tp=MegatronTensorParallel())`
-builds the dense model from the seed on every rank and copies this rank's shard into the
-parallel form, so the start is exactly the one-process model. This module supplies the pieces
+builds this rank's parallel form on the meta device and fills it unit by unit with its shard of
+the one-process model's values (`arch.model.materialize`), so the start is exactly the
+one-process model and no rank ever holds the dense one. This module supplies the pieces
 over Megatron's TP group (`megatron.core.parallel_state`):
 
 - projections: Megatron's ColumnParallelLinear / RowParallelLinear (no bias, output not
@@ -20,6 +21,7 @@ over Megatron's TP group (`megatron.core.parallel_state`):
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import torch
 import torch.distributed as dist
@@ -240,16 +242,16 @@ class MegatronTensorParallel(TensorParallel):
     def mark_split(self, param: nn.Parameter, split: Split) -> None:
         set_tensor_model_parallel_attributes(param, True, split.dim, split.stride)
 
-    @torch.no_grad()
-    def check_same_model(self, state: dict[str, torch.Tensor]) -> None:
-        """Every TP rank must start from the same dense weights (same config and seed)."""
-        total = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
+    def check_same_model(self, fingerprint: str) -> None:
+        """Every TP rank must start from the same model (same config and seed): their
+        fingerprints' hashes are compared over the TP group."""
+        digest = hashlib.blake2b(fingerprint.encode(), digest_size=7).digest()
         device = "cuda" if dist.get_backend(_group()) == "nccl" else "cpu"
-        sums = torch.tensor([total], dtype=torch.float64, device=device)
-        gathered = [torch.empty_like(sums) for _ in range(self.size)]
-        dist.all_gather(gathered, sums, group=_group())
+        mine = torch.tensor([int.from_bytes(digest, "big")], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(gathered, mine, group=_group())
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError(
-                "the TP ranks built different dense models; build the model with the same "
+                "the TP ranks start from different models; build the model with the same "
                 "config and seed on every rank (arch.model.build_model(cfg, seed, tp))"
             )

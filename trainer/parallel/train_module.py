@@ -3,8 +3,10 @@
 Implements `trainer.train_module_base.TrainModule` for a grid of several processes, so the
 Trainer does not know which module it drives. Recipe (measured in ../shared/reference/parallel.md):
 
-- every rank builds the dense model from the seed, then keeps its tensor-parallel shard of its
-  pipeline stage: at step 0 the distributed model is the single-process model, exactly;
+- every rank builds its tensor-parallel shard of its pipeline stage on the meta device and fills
+  it unit by unit with the one-process model's values (`arch.model.materialize`): at step 0 the
+  distributed model is the single-process model, exactly, and no rank holds more than its
+  share plus one dense unit; a resumed rank reads only its slices of the checkpoint;
 - a DeepSpeed engine per stage over the data-parallel group (Megatron groups via `MegatronMPU`),
   ZeRO 1/2 (3 only without pipelining), with a torch optimizer instance (no JIT-built ops);
   "no ZeRO" is ZeRO-1, which partitions nothing at dp = 1 but keeps the gradient norm exact;
@@ -23,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from arch import build_model, count_parameters
+from arch import HybridLM, count_parameters
 from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
-from arch.model import aux_loss_counts, shard_model
-from arch.model_plan import expert_of, split_for_rank
+from arch.model import aux_loss_counts, materialize, unit_shards
+from arch.model_plan import expert_of
 from arch.recompute import set_recompute
 from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
@@ -101,24 +103,32 @@ class ParallelTrainModule(TrainModule):
         from megatron.core import parallel_state as ps
 
         self.ps = ps
-        dense = build_model(cfg.model, seed=cfg.trainer.seed)
-        self.num_params = count_parameters(dense)
-        self.train_flops_per_token = training_flops_per_token(dense, cfg.trainer.seq_len)
         if grid.tp > 1 or grid.ep > 1:
             self.tp = MegatronTensorParallel(sequence_parallel=cfg.parallel.sequence_parallel)
         else:
             self.tp = DENSE
-        model = shard_model(dense, self.tp)
-        if self.tp.sequence_parallel:
-            reduce_sequence_parallel_grads(model, self.ps.get_tensor_model_parallel_group())
-        if grid.ep > 1:
-            group = self.ps.get_expert_model_parallel_group()
-            reduce_expert_parallel_grads(model, cfg.model, group, grid.ep_rank)
-        set_recompute(model, cfg.parallel.recompute)  # every rank recomputes the same sub-layers
+        with torch.device("meta"):  # shapes only: the whole model's, and this rank's form
+            whole = HybridLM(cfg.model, init=False)
+            model = HybridLM(cfg.model, tp=self.tp, init=False)
+        self.num_params = count_parameters(whole)
+        self.train_flops_per_token = training_flops_per_token(whole, cfg.trainer.seq_len)
         self.virtual = cfg.parallel.virtual_stages
         ranges = stage_layer_ranges(cfg.model, grid.pp, self.virtual)
         chunks = rank_chunks(ranges, grid.pp_rank, grid.pp)
         self.stage = PipelineStage(model, chunks, grid.is_first_stage, grid.is_last_stage)
+        seed = cfg.trainer.seed
+        materialize(self.stage.model, seed)  # only the units of this stage, this rank's shards
+        if self.stage.tied_head is not None:
+            weight = unit_shards(cfg.model, "embed", seed, self.tp)["weight"]
+            self.stage.tied_head = weight.clone().requires_grad_(True)
+        # Hooks on the materialized parameters (to_empty made new ones).
+        if self.tp.sequence_parallel:
+            group = self.ps.get_tensor_model_parallel_group()
+            reduce_sequence_parallel_grads(self.stage.model, group)
+        if grid.ep > 1:
+            group = self.ps.get_expert_model_parallel_group()
+            reduce_expert_parallel_grads(self.stage.model, cfg.model, group, grid.ep_rank)
+        set_recompute(self.stage.model, cfg.parallel.recompute)  # the same on every rank
         # Each chunk adds its share of the auxiliary losses: its reports over the whole model's.
         self.aux_counts = aux_loss_counts(cfg.model)
         self.chunk_aux_counts = [aux_loss_counts(cfg.model, range(s, e)) for s, e in chunks]
@@ -411,20 +421,18 @@ class ParallelTrainModule(TrainModule):
         state = self.stage.model.state_dict(keep_vars=True)
         return {name: t for name, t in state.items() if name not in params}
 
-    def _load_weights(self, reader) -> None:
-        g, cfg = self.grid, self.cfg.model
+    def _load_weights(self, reader: CheckpointReader) -> None:
+        """This rank's slices of its stage's weights (`CheckpointReader.tensor`)."""
+        g = self.grid
         with torch.no_grad():
             for name, p in self.stage.model.named_parameters():
-                p.copy_(split_for_rank(name, reader.tensor(name), g.tp_rank, g.tp, cfg))
+                p.copy_(reader.tensor(name, g.tp_rank, g.tp))
             for name, b in self._buffers().items():
-                b.copy_(split_for_rank(name, reader.tensor(name), g.tp_rank, g.tp, cfg))
+                b.copy_(reader.tensor(name, g.tp_rank, g.tp))
             if self.stage.tied_head is not None:
-                full = reader.tensor("embed.weight")
-                self.stage.tied_head.copy_(
-                    split_for_rank("embed.weight", full, g.tp_rank, g.tp, cfg)
-                )
+                self.stage.tied_head.copy_(reader.tensor("embed.weight", g.tp_rank, g.tp))
 
-    def _load_optimizer(self, reader) -> None:
+    def _load_optimizer(self, reader: CheckpointReader) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
         step = reader.optimizer_step()
@@ -432,11 +440,10 @@ class ParallelTrainModule(TrainModule):
             return  # imported weights: the optimizer starts afresh
         self._materialize_optimizer_state()
         self._link_optimizer_state()
-        g, cfg = self.grid, self.cfg.model
+        g = self.grid
         for name, p in self.stage.model.named_parameters():
-            for key, dense in reader.moments(name).items():
-                shard = split_for_rank(name, dense, g.tp_rank, g.tp, cfg).to(g.device)
-                safe_set_full_optimizer_state(p, shard, key)
+            for key, shard in reader.moments(name, g.tp_rank, g.tp).items():
+                safe_set_full_optimizer_state(p, shard.to(g.device), key)
         for state in self._inner_optimizer().state.values():
             if "step" in state:
                 state["step"] = torch.tensor(float(step))
