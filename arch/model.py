@@ -128,11 +128,12 @@ class HybridLM(nn.Module):
                 "tensor-parallel part with arch.model.build_model(cfg, seed, tp)"
             )
         self.cfg, self.tp = cfg, tp
-        if init:
-            seed = draw_seed() if seed is None else seed
-            make = lambda name: seeded_unit(cfg, name, seed)  # noqa: E731
-        else:
-            make = lambda name: build_unit(cfg, name, tp)  # noqa: E731
+        if init and seed is None:
+            seed = draw_seed()
+
+        def make(name: str) -> nn.Module:
+            return seeded_unit(cfg, name, seed) if init else build_unit(cfg, name, tp)
+
         self.embed = make("embed")
         self.state_init = make("state_init")
         self.layers = nn.ModuleList(make(f"layers.{i}") for i in range(len(cfg.layers)))

@@ -91,6 +91,10 @@ class PipelineStage(nn.Module):
     model's last chunk. With tied embeddings and several stages the last stage holds a copy of
     the embedding as ``tied_head`` (a plain tensor, not a parameter); the schedule adds its
     gradient to the first stage's embedding and sends the updated weight back after every step.
+
+    Cut from a meta-device model, a stage is materialised after the cut
+    (`arch.model.materialize`), so a rank allocates only its own units; the caller then fills
+    ``tied_head`` (`arch.model.unit_shards` of the embedding).
     """
 
     def __init__(
