@@ -158,6 +158,8 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts = [{"tp": 2, "pp": 2, "zero": 1}, {"tp": 2, "pp": 2, "zero": 2}]
     layouts += [{"tp": 2, "pp": 2, "zero": 1, **MOE_EVERY_STAGE[2]}]
     layouts += [{"tp": 2, "pp": 2, "zero": 1, "parallel": INTERLEAVED}]
+    # dp 2 with ZeRO-2: 2 micro-batches a step for 2 stages, every forward before any backward
+    layouts += [{"tp": 1, "pp": 2, "zero": 2, "parallel": INTERLEAVED}]
     assert_matches_reference(run_layouts(tmp_path, 4, layouts))
 
 
