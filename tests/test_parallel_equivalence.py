@@ -175,7 +175,14 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
     layouts += [
         {"tp": 2, "pp": 1, "zero": 2, **EP2},  # tp 2 x dp 2, the experts split both ways
         {"tp": 1, "pp": 2, "zero": 1, **EP2, **MOE_EVERY_STAGE[0]},  # top-1, MoE on each stage
-        {"tp": 1, "pp": 2, "zero": 2, **EP2, **MOE_EVERY_STAGE[1]},  # top-2
+        # top-2, interleaved: dp 2 gives 2 micro-batches for 2 stages, every forward first
+        {
+            "tp": 1,
+            "pp": 2,
+            "zero": 2,
+            "parallel": {"expert": 2, **INTERLEAVED},
+            **MOE_EVERY_STAGE[1],
+        },
         {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
     ]
     # Interleaved 1F1B with selective recomputation; full recomputation with sequence
