@@ -19,10 +19,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from arch import ModelConfig
-from arch.config import Mamba2Config, MambaConfig, MoEConfig, PreconditionerConfig
+from arch.config import MoEConfig, PreconditionerConfig
 from arch.model import HybridLM, build_model, materialize, unit_names
 from arch.model_plan import split_of
 from arch.tensor_parallel_plan import Split, TensorParallel, split_tensor
+from tests.test_tensor_parallel import hybrid as tensor_parallel_hybrid
 from trainer.checkpoint import CheckpointReader, verify_checkpoint
 from trainer.checkpoint.writer import begin_checkpoint, finish_checkpoint, write_shard, write_shared
 from trainer.config import RunConfig
@@ -32,22 +33,10 @@ PC = PreconditionerConfig(name="pc", options={"targets": ["w1", "w2", "wo", "in_
 
 
 def hybrid(**kw) -> ModelConfig:
-    """Attention, MLP, Mamba, Mamba-2 and MoE sub-layers, PC-wrapped projections, untied head."""
-    base = dict(
-        pattern="*-M-|S-*E",
-        d_model=32,
-        n_heads=4,
-        n_kv_heads=4,
-        vocab_size=100,
-        vocab_pad_multiple=64,
-        ffn_hidden=64,
-        tie_embeddings=False,
-        mamba=MambaConfig(d_state=4),
-        mamba2=Mamba2Config(d_state=8, head_dim=8, n_groups=4, chunk_size=8),
-        moe=MoEConfig(num_experts=4, top_k=2, expert_hidden=32),
-        preconditioner=PC,
-    )
-    return ModelConfig(**{**base, **kw})
+    """Attention, MLP, Mamba, Mamba-2 and MoE sub-layers, PC-wrapped projections, untied head,
+    two pipeline stages."""
+    options = {"pattern": "*-M-|S-*E", "tie_embeddings": False, "preconditioner": PC}
+    return tensor_parallel_hybrid(**{**options, **kw})
 
 
 class LocalShapes(TensorParallel):
