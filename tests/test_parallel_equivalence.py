@@ -1,10 +1,11 @@
 """Every dp x pp x tp layout trains like one process (real process groups over gloo).
 
 A hybrid model (attention, Mamba, MLP and MoE sub-layers, heavy-ball residual, tied embeddings,
-active gradient clipping) takes 4 optimizer steps on the same global batches under each layout;
-losses, gradient norms and MoE metrics must equal the single-process run to 1e-5 relative in
-fp32 (the chaotic `ortho` variant: the steps that are stable, see CHAOTIC). Several
-layouts share one launch (process start-up dominates on 2 cores). See tests/parallel_worker.py.
+active gradient clipping) takes 4 optimizer steps on the same global batches under each layout,
+then evaluates 5 held-out samples; losses, gradient norms, MoE metrics and the eval loss must
+equal the single-process run to 1e-5 relative in fp32 (the chaotic `ortho` variant: the steps
+that are stable, see CHAOTIC). Several layouts share one launch (process start-up dominates on
+2 cores). See tests/parallel_worker.py.
 """
 
 from __future__ import annotations
