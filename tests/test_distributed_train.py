@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from arch.model import lm_loss
 from tests.conftest import cli_in_background, logged_losses, run_cli, tiny_run_args, wait_until
 from trainer.checkpoint import (
     CheckpointReader,
@@ -95,28 +96,30 @@ def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, t
             assert got[step] == want[step]
         else:
             assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (name, step, got, want)
+    if "ep2" in name:
+        assert_expert_checkpoint_reshards(run, tp2_pp2_run)
 
 
-def test_an_expert_parallel_checkpoint_resumes_in_one_process(tiny_data, tmp_path):
-    """dp 2 with ep 2: each expert rank writes its own experts under their dense names (the
-    rest once), and one process reads them back and continues the run."""
-    run = tmp_path / "ep2"
-    proc = train(tiny_data, run, "parallel.expert=2", "--nproc-per-node", "2")
-    step2 = verify_checkpoint(run / "checkpoints" / "step_00000002")
-    assert step2.layout == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
-    reader = CheckpointReader(step2)
+def assert_expert_checkpoint_reshards(ep_run: Path, tp2_pp2_run: Path) -> None:
+    """Each expert rank of a dp 2 x ep 2 run writes its own experts under their dense names
+    (the rest once); read back whole (one process), they hold the model the tp 2 x pp 2 run
+    holds after the same steps."""
+    step4 = verify_checkpoint(ep_run / "checkpoints" / "step_00000004")
+    assert step4.layout == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
     experts = {}
     for rank in (0, 1):
-        with safe_open(step2.path / f"shard-pp0-tp0-ep{rank}.safetensors", "pt") as f:
+        with safe_open(step4.path / f"shard-pp0-tp0-ep{rank}.safetensors", "pt") as f:
             experts[rank] = {n.split(".")[4] for n in f.keys() if ".inner.experts." in n}
     assert experts == {0: {"0", "1"}, 1: {"2", "3"}}  # 4 experts: a block each
-    assert len(reader.names()) == len(load_pretrained(step2.path).state_dict())
-    resumed = tmp_path / "resumed"
-    proc = train(tiny_data, resumed, f"trainer.resume_from={step2.path}")
-    assert "[resume]" in proc.stdout + proc.stderr
-    want, got = logged_losses(run), logged_losses(resumed)
-    for step in (3, 4):
-        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
+    got = load_pretrained(step4.path)
+    want = load_pretrained(tp2_pp2_run / "checkpoints" / "step_00000004")
+    assert got.state_dict().keys() == want.state_dict().keys()
+    # The same 4 steps under two layouts: the weights AdamW barely moved (near-zero gradients,
+    # sign-like steps) differ by up to lr, so compare what the model computes. Measured: loss
+    # 1.7e-7 apart, logits 3.9e-5 of their largest value.
+    ids = torch.randint(0, 200, (4, 17), generator=torch.Generator().manual_seed(0))
+    losses = [lm_loss(m(ids[:, :-1]), ids[:, 1:]).item() for m in (got, want)]
+    assert abs(losses[0] - losses[1]) / losses[1] <= TOLERANCE, losses
 
 
 def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):

@@ -182,7 +182,7 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
             "pp": 2,
             "zero": 2,
             "parallel": {"expert": 2, **INTERLEAVED},
-            **MOE_EVERY_STAGE[1],
+            **MOE_EVERY_CHUNK,
         },
         {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
     ]
