@@ -104,4 +104,9 @@ def test_cache_limit_evicts_shards_and_keeps_training(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     cached = sum(p.stat().st_size for p in (cache / "train").glob("shard.*"))
-    assert 0 < cached <= limit
+    # Streaming evicts before each download, but a resident shard it decompresses adds to the
+    # cache without an eviction pass (StreamingDataset.prepare_shard's LOCAL branch), so the
+    # cache may end one shard over the limit (seen once, in a full run with 1 thread): far below
+    # the whole split all the same.
+    largest = max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in index["shards"])
+    assert 0 < cached <= limit + largest < split_bytes
