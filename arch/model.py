@@ -361,42 +361,6 @@ def fill_unit(
             tp.mark_split(tensor, split)
 
 
-@torch.no_grad()
-def shard_model(dense: HybridLM, tp: TensorParallel) -> HybridLM:
-    """The model ``dense`` built in its parallel form for this rank of ``tp``, holding its shard
-    of every dense value (`arch.model_plan.split_of`); ``dense`` itself at size 1.
-
-    Every rank must pass the same dense model (same config and seed): the start is then exactly
-    the one-process model. Names are the dense ones; split parameters are marked (`mark_split`).
-    """
-    if tp.size == 1 and tp.expert_size == 1:
-        return dense
-    cfg = dense.cfg
-    check_tensor_parallel(cfg, tp.size)
-    state = dense.state_dict()
-    total = sum(float(t.double().sum()) + float(t.double().abs().sum()) for t in state.values())
-    tp.check_same_model(repr(total))
-    with torch.random.fork_rng(devices=[]):  # the local build's throwaway init draws nothing
-        model = HybridLM(cfg, tp=tp, init=False)
-    local = model.state_dict(keep_vars=True)
-    # The local keys are the dense ones, less the experts other expert-parallel ranks hold.
-    held = [n for n in state if holds(n, cfg, tp)]
-    if list(local) != held:
-        raise RuntimeError(f"the parallel build changed the state keys: {set(local) ^ set(held)}")
-    for name, tensor in local.items():
-        split = split_of(name, cfg)
-        shard = state[name] if split is None else split_tensor(state[name], split, tp.rank, tp.size)
-        if shard.shape != tensor.shape:
-            raise RuntimeError(
-                f"{name}: its plan gives a shard of {tuple(shard.shape)}, the plugin built "
-                f"{tuple(tensor.shape)}; its tensor_parallel_plan and constructor disagree"
-            )
-        tensor.data = shard.clone(memory_format=torch.contiguous_format)
-        if split is not None and isinstance(tensor, nn.Parameter):
-            tp.mark_split(tensor, split)
-    return model
-
-
 def holds(name: str, cfg: ModelConfig, tp: TensorParallel) -> bool:
     """Whether this rank's model has dense parameter/buffer ``name``: all but the experts
     other expert-parallel ranks hold."""

@@ -1,7 +1,7 @@
 """Run under torchrun by test_tensor_parallel.py: one tensor-parallel rank (gloo, CPU).
 
 argv: OUT_DIR. For every model in `models()` it builds the dense model (same seed on every rank),
-its tensor-parallel form (`shard_model` with the Megatron context), and compares losses, gradients
+its tensor-parallel form (`build_model(cfg, seed, tp)` with the Megatron context), and compares losses, gradients
 (merged from all ranks), a torch AdamW step and the loss after it. Writes OUT_DIR/rank<R>.json.
 """
 
@@ -29,7 +29,7 @@ from arch.config import (  # noqa: E402
     PreconditionerConfig,
     ResidualConfig,
 )
-from arch.model import build_model, lm_loss, shard_model  # noqa: E402
+from arch.model import build_model, lm_loss  # noqa: E402
 from arch.model_plan import is_tensor_parallel_param, merge_shards  # noqa: E402
 from trainer.parallel.sequence_parallel import reduce_sequence_parallel_grads  # noqa: E402
 from trainer.parallel.tensor_parallel import MegatronTensorParallel  # noqa: E402
@@ -109,7 +109,9 @@ def check(cfg: ModelConfig, use_docs: bool, sequence_parallel: bool) -> dict:
     # (MKL_CBWR=COMPATIBLE), 2-5x under the bounds or past them; see test_tensor_parallel.
     dense = build_model(cfg, seed=7).double()
     tp = MegatronTensorParallel(torch.float64, sequence_parallel=sequence_parallel)
-    model = shard_model(dense, tp)
+    # The rank's shard as training builds it (meta device, unit by unit), then in float64 like
+    # the dense model: the fp32 start values are upcast exactly either way.
+    model = build_model(cfg, seed=7, tp=tp).double()
     if sequence_parallel:  # what ParallelTrainModule does: norms etc. see a sequence part
         group = parallel_state.get_tensor_model_parallel_group()
         res_sp = reduce_sequence_parallel_grads(model, group)
