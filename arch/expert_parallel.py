@@ -25,7 +25,7 @@ def run_experts(
     index with ``counts`` [num_experts] rows each; ``experts``: this rank's (a block)."""
     if tp.expert_size == 1:
         chunks = routed.split(counts.tolist())
-        return _apply(experts, chunks, routed)
+        return _apply(experts, chunks)
     ranks = tp.expert_size
     send = counts.view(ranks, -1)  # [destination rank, its local expert]
     received_counts = tp.exchange_counts(send)  # [source rank, this rank's local expert]
@@ -34,17 +34,17 @@ def run_experts(
     # Received rows come grouped by source rank, then by expert: regroup them by expert.
     by_expert = _expert_major_order(received_counts)
     chunks = received[by_expert].split(received_counts.sum(0).tolist())
-    outputs = _apply(experts, chunks, routed)
+    outputs = _apply(experts, chunks)
     back = torch.empty_like(by_expert)
     back[by_expert] = torch.arange(len(by_expert), device=by_expert.device)
     return tp.all_to_all(outputs[back], send_sizes, receive_sizes)
 
 
-def _apply(experts: nn.ModuleDict, chunks: tuple[torch.Tensor, ...], like: torch.Tensor):
+def _apply(experts: nn.ModuleDict, chunks: tuple[torch.Tensor, ...]) -> torch.Tensor:
     # Every expert runs, an unchosen one on zero rows: its weights then get a (zero) gradient
-    # like all others, so data-parallel ranks reduce the same set of gradients.
-    outs = [expert(chunk) for expert, chunk in zip(experts.values(), chunks, strict=True)]
-    return torch.cat(outs) if outs else like[:0]
+    # like all others, so data-parallel ranks reduce the same set of gradients. A rank holds at
+    # least one expert (the expert count is a multiple of the expert-parallel size).
+    return torch.cat([expert(c) for expert, c in zip(experts.values(), chunks, strict=True)])
 
 
 def _expert_major_order(counts: torch.Tensor) -> torch.Tensor:
