@@ -5,7 +5,7 @@ one process, over build + first step + checkpoint save, then resume (build from 
     .venv/bin/python benchmarks/bench_shard_memory.py [--d-model 1024] [--out /tmp/shard-mem]
 
 The model: pattern ``M-*-M-E-|M-*-M-E-`` (Mamba, attention, SwiGLU MLP, 4-expert MoE; 16
-sub-layers), d_model 1024, vocabulary 32,000, untied head, fp32, AdamW, ZeRO-1 (dp 1); sequence
+sub-layers), d_model 1024, vocabulary 32,000, untied head, fp32, AdamW, no ZeRO (dp 1: the default); sequence
 128, micro-batch 1, 2 micro-batches a step. Each process reports ``ru_maxrss`` (its peak resident
 set) and its resident set after the imports (the floor every process pays: torch, Megatron,
 DeepSpeed). The last line is ``shard_memory_ratio=X.XX``: the largest rank's peak over the one
@@ -47,7 +47,7 @@ def run_config(d_model: int, tp: int, pp: int):
     )
     cfg.trainer.seq_len, cfg.trainer.micro_batch_size = SEQ, MICRO
     cfg.trainer.global_batch_size, cfg.trainer.seed = GLOBAL, 0
-    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage = tp, pp, 1
+    cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.zero_stage = tp, pp, 0
     return cfg
 
 

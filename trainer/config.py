@@ -62,7 +62,9 @@ class TrainerConfig:
 class ParallelConfig:
     tensor: int = 1  # tensor-parallel size (Megatron-core layers): splits heads, d_inner, vocab
     pipeline: int = 1  # pipeline stages (1F1B), cut at `|` in model.pattern or balanced
-    zero_stage: int = 0  # DeepSpeed ZeRO over the data-parallel group: 0 (= 1 at dp 1), 1, 2, 3
+    zero_stage: int = (
+        0  # 0: no ZeRO; 1, 2, 3: DeepSpeed ZeRO over the data-parallel group (> 1 rank)
+    )
     recompute: str = "none"  # activation recomputation: none | selective | full
     sequence_parallel: bool = False  # shard norms and residual streams along the sequence (tp > 1)
     expert: int = 1  # expert-parallel size, carved out of the data-parallel ranks

@@ -49,8 +49,14 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
-OPTIM_SHARD_GLOB = "optim-pp*-tp*.pt"  # also optim-pp{p}-tp{t}-ep{e}.pt
-OPTIM_SHARD_FILE = re.compile(r"^optim-pp(\d+)-tp(\d+)(?:-ep\d+)?\.pt$")
+# A shard's optimizer state: one tensor per (parameter, state key) under "name:key", the step in
+# the metadata; safetensors like the weights, so a reader maps one tensor at a time.
+OPTIM_SHARD_FILE = re.compile(r"^optim-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
+OPTIM_STEP_KEY = "optimizer_step"
+
+
+def moment_key(name: str, key: str) -> str:
+    return f"{name}:{key}"
 
 
 class CheckpointError(UserError):
@@ -75,7 +81,7 @@ def shard_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
 
 
 def optim_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
-    return f"optim-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.pt"
+    return f"optim-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.safetensors"
 
 
 def rng_file(rank: int) -> str:

@@ -6,8 +6,8 @@ state dict, whose parameters are matched to names through the optimizer's groups
 one holds, per (pipeline stage, tensor rank), shards under their dense names. A process asks for
 its tensor-parallel slice of a parameter (``tensor(name, rank, size)``, ``moments(...)``; size 1:
 the dense tensor) and the reader reads only the parts of the saved shards that overlap it
-(`arch.tensor_parallel_plan.shard_reads`): safetensors slices, and the moment files mapped into
-memory, not loaded. So a checkpoint of any layout resumes under any other (one process
+(`arch.tensor_parallel_plan.shard_reads`): safetensors slices of weights and moments alike, each
+file mapped only while one tensor is read, so nothing read stays resident. So a checkpoint of any layout resumes under any other (one process
 included), with no conversion step, no rank reads more than its share (under the same layout:
 its own files only), and eval and export read the dense model.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -28,7 +29,7 @@ from arch.tensor_parallel_plan import shard_reads
 from trainer.checkpoint.format import (
     MODEL_FILE,
     OPTIM_SHARD_FILE,
-    OPTIM_SHARD_GLOB,
+    OPTIM_STEP_KEY,
     OPTIMIZER_FILE,
     SHARD_FILE,
     STATE_FILE,
@@ -38,6 +39,29 @@ from trainer.checkpoint.format import (
 )
 
 Moments = dict[str, torch.Tensor]  # one parameter's optimizer state tensors (exp_avg, ...)
+
+
+class MomentRead(NamedTuple):
+    """One saved optimizer state tensor: its shape, and ``read(index)`` (None: all of it) as a
+    new tensor."""
+
+    shape: list[int]
+    read: Callable[[tuple[slice, ...] | None], torch.Tensor]
+
+
+def _safetensors_read(path: Path, stored: str) -> MomentRead:
+    with safe_open(path, "pt") as f:
+        shape = f.get_slice(stored).get_shape()
+
+    def read(index: tuple[slice, ...] | None) -> torch.Tensor:
+        with safe_open(path, "pt") as f:
+            return f.get_tensor(stored) if index is None else f.get_slice(stored)[index]
+
+    return MomentRead(shape, read)
+
+
+def _tensor_read(saved: torch.Tensor) -> MomentRead:
+    return MomentRead(list(saved.shape), lambda i: saved.clone() if i is None else saved[i].clone())
 
 
 class CheckpointReader:
@@ -117,21 +141,27 @@ class CheckpointReader:
 
     # ---- optimizer -------------------------------------------------------------------------
     @cached_property
-    def _optimizer(self) -> tuple[int, dict[str, list[Moments]]]:
-        """(optimizer step, name -> its moments as each tensor rank saved them). The files are
-        mapped into memory, not read: a rank touches only the slices it asks for."""
+    def _optimizer(self) -> tuple[int, dict[str, list[dict[str, MomentRead]]]]:
+        """(optimizer step, name -> per saved tensor rank: state key -> how to read it). A
+        sharded checkpoint's moments are safetensors read slice by slice (each file mapped only
+        while one tensor is read); a one-process checkpoint's torch state dict is mapped."""
         if self.checkpoint.sharded:
             step, state = 0, {}
-            files = [(OPTIM_SHARD_FILE.match(p.name), p) for p in self.path.glob(OPTIM_SHARD_GLOB)]
+            files = [(OPTIM_SHARD_FILE.match(p.name), p) for p in self.path.iterdir()]
             ordered = sorted((int(m.group(1)), int(m.group(2)), p) for m, p in files if m)
             for _, _, path in ordered:  # stage by stage, tensor ranks in order
-                saved = torch.load(path, weights_only=False, mmap=True)
-                step = saved["step"]
-                for name, moments in saved["state"].items():
-                    state.setdefault(name, []).append(moments)
+                per_name: dict[str, dict[str, MomentRead]] = {}
+                with safe_open(path, "pt") as f:
+                    step = int((f.metadata() or {}).get(OPTIM_STEP_KEY, 0))
+                    for stored in f.keys():
+                        name, key = stored.rsplit(":", 1)
+                        per_name.setdefault(name, {})[key] = _safetensors_read(path, stored)
+                for name, reads in per_name.items():
+                    state.setdefault(name, []).append(reads)
             return step, state
         step, by_name = self._torch_moments_by_name()
-        return step, {name: [moments] for name, moments in by_name.items()}
+        reads = {n: {k: _tensor_read(t) for k, t in m.items()} for n, m in by_name.items()}
+        return step, {name: [moments] for name, moments in reads.items()}
 
     def _torch_moments_by_name(self) -> tuple[int, dict[str, Moments]]:
         """A torch optimizer state dict's per-index state, named through the groups that
@@ -179,8 +209,7 @@ class CheckpointReader:
         for key, first in per_rank[0].items():
 
             def read(k: int, index: tuple[slice, ...] | None, key: str = key) -> torch.Tensor:
-                saved = per_rank[k][key]
-                return saved.clone() if index is None else saved[index].clone()
+                return per_rank[k][key].read(index)
 
             out[key] = self._slice(name, len(per_rank), first.shape, read, rank, size)
         return out
@@ -199,13 +228,22 @@ class CheckpointReader:
         saved = self.torch_optimizer_state()
         if saved is not None:
             return saved
+        return self.named_optimizer_state(model, optimizer)
+
+    def named_optimizer_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0, size: int = 1
+    ) -> dict:
+        """A state dict for ``optimizer`` built from the named moments (adamw, sgd), each
+        parameter of ``model`` getting tensor rank ``rank`` of ``size``'s slice; the tensors read
+        become the state as they are (no copy). Parameters outside ``model`` get none."""
         step = self.optimizer_step()
         names = {id(p): n for n, p in model.named_parameters()}
         state = optimizer.state_dict()
         index = 0
         for group in optimizer.param_groups:
             for param in group["params"]:
-                moments = self.moments(names[id(param)])
+                name = names.get(id(param))
+                moments = self.moments(name, rank, size) if name is not None else {}
                 if moments:
                     state["state"][index] = {"step": torch.tensor(float(step)), **moments}
                 index += 1

@@ -26,9 +26,11 @@ from trainer.checkpoint.format import (
     LATEST,
     MANIFEST,
     MODEL_FILE,
+    OPTIM_STEP_KEY,
     OPTIMIZER_FILE,
     STATE_FILE,
     manifest_of,
+    moment_key,
     optim_file,
     shard_file,
     step_dir_name,
@@ -69,12 +71,18 @@ def write_shard(
 ) -> None:
     """The shard of (pipeline stage, tensor rank[, expert rank]): fp32 weights under their
     dense names and their optimizer moments by name, so any layout can read it back."""
-    write_rank(
-        directory,
-        shard_file(pp_rank, tp_rank, ep_rank),
-        {k: v.detach().float() for k, v in weights.items()},
-        optim_file(pp_rank, tp_rank, ep_rank),
-        {"step": optimizer_step, "state": moments},
+    save_file(
+        {k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
+        directory / shard_file(pp_rank, tp_rank, ep_rank),
+    )
+    save_file(
+        {
+            moment_key(name, key): t.detach().contiguous().cpu()
+            for name, state in moments.items()
+            for key, t in state.items()
+        },
+        directory / optim_file(pp_rank, tp_rank, ep_rank),
+        metadata={OPTIM_STEP_KEY: str(optimizer_step)},
     )
 
 

@@ -1,4 +1,4 @@
-"""The distributed TrainModule: tensor-parallel stage, (interleaved) 1F1B, one DeepSpeed engine per stage.
+"""The distributed TrainModule: tensor-parallel stage, (interleaved) 1F1B, one engine per stage.
 
 Implements `trainer.train_module_base.TrainModule` for a grid of several processes, so the
 Trainer does not know which module it drives. Recipe (measured in ../shared/reference/parallel.md):
@@ -7,9 +7,10 @@ Trainer does not know which module it drives. Recipe (measured in ../shared/refe
   it unit by unit with the one-process model's values (`arch.model.materialize`): at step 0 the
   distributed model is the single-process model, exactly, and no rank holds more than its
   share plus one dense unit; a resumed rank reads only its slices of the checkpoint;
-- a DeepSpeed engine per stage over the data-parallel group (Megatron groups via `MegatronMPU`),
-  ZeRO 1/2 (3 only without pipelining), with a torch optimizer instance (no JIT-built ops);
-  "no ZeRO" is ZeRO-1, which partitions nothing at dp = 1 but keeps the gradient norm exact;
+- one engine per stage over the data-parallel group (Megatron groups via `MegatronMPU`) with a
+  torch optimizer instance: DeepSpeed ZeRO 1/2 (3 only without pipelining) when the ZeRO group
+  has several ranks, else `DataParallelEngine` (stage 0, or nothing to partition: no fp32 copy
+  or flat gradient partitions); both count the gradient norm the same way;
 - the model's last chunk calls ``engine.backward(loss)``; the others a scalar surrogate
   sum(output * grad) with ``scale_wrt_gas=False``; the optimizer steps only after the stage has
   sent its last input gradients (the boundary step all-reduces the norm over TP x PP);
@@ -35,6 +36,7 @@ from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
+from trainer.parallel.data_parallel import DataParallelEngine
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import RingLink, StageLink
@@ -56,13 +58,19 @@ from trainer.train_module_base import StepResult, TrainModule
 _TIED_TAG = 17  # point-to-point tag of the tied-embedding gradient and weight transfers
 
 
-def deepspeed_config(cfg: RunConfig, accum: int, dp: int) -> dict:
+def effective_zero_stage(zero_stage: int, zero_group: int) -> int:
+    """The ZeRO stage a rank runs: over a ZeRO group of one rank there is nothing to partition,
+    so every stage runs as 0 (`DataParallelEngine`, without ZeRO's copies)."""
+    return zero_stage if zero_group > 1 else 0
+
+
+def deepspeed_config(cfg: RunConfig, accum: int, dp: int, zero_stage: int) -> dict:
     t = cfg.trainer
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * dp,
-        "zero_optimization": {"stage": max(1, cfg.parallel.zero_stage)},
+        "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 2**62,
@@ -141,17 +149,24 @@ class ParallelTrainModule(TrainModule):
             self.stage.tied_head = self.stage.tied_head.to(grid.device).detach().requires_grad_()
         groups = stage_param_groups(self.stage, cfg.optim.weight_decay)
         optimizer = OPTIMIZERS.get(cfg.optim.name)(groups, cfg.optim)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import deepspeed
-
-            self.engine, *_ = deepspeed.initialize(
-                model=self.stage,
-                optimizer=optimizer,
-                mpu=MegatronMPU(expert_parallel=grid.ep > 1),
-                config=deepspeed_config(cfg, self.accum, grid.dp // grid.ep),
-                dist_init_required=False,
+        mpu = MegatronMPU(expert_parallel=grid.ep > 1)
+        self.zero_stage = effective_zero_stage(cfg.parallel.zero_stage, grid.dp // grid.ep)
+        if self.zero_stage == 0:
+            self.engine = DataParallelEngine(
+                self.stage, optimizer, mpu, cfg.optim.grad_clip or 0.0, self.accum
             )
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import deepspeed
+
+                self.engine, *_ = deepspeed.initialize(
+                    model=self.stage,
+                    optimizer=optimizer,
+                    mpu=mpu,
+                    config=deepspeed_config(cfg, self.accum, grid.dp // grid.ep, self.zero_stage),
+                    dist_init_required=False,
+                )
         if resume is not None:
             self._load_optimizer(resume)
         post_optimizer_step(self.stage)
@@ -243,7 +258,7 @@ class ParallelTrainModule(TrainModule):
             with operation("send the tied-embedding gradient to the first stage"):
                 dist.send(stage.tied_head.grad.contiguous(), self._first_peer, tag=_TIED_TAG)
             stage.tied_head.grad = None
-        with operation("optimizer step (DeepSpeed)"):
+        with operation("optimizer step"):
             engine.step()
         self._sync_tied_weight()
         post_optimizer_step(stage)
@@ -380,6 +395,22 @@ class ParallelTrainModule(TrainModule):
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
 
+    def _full_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """``p``'s whole value (under ZeRO its fp32 master, gathered from the partitions)."""
+        if self.zero_stage == 0:
+            return p.detach()
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full = safe_get_full_fp32_param(p)
+        return full if full is not None else p.detach()
+
+    def _full_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+        if self.zero_stage == 0:
+            return self.engine.full_optimizer_state(p, key)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        return safe_get_full_optimizer_state(p, key)
+
     def _state_keys(self) -> tuple[list[str], int]:
         """The optimizer's per-parameter state names (exp_avg, ...) and its step count."""
         keys, step = [], 0
@@ -392,17 +423,14 @@ class ParallelTrainModule(TrainModule):
     def save_state(self, directory: Path) -> None:
         """This rank's shard and RNG (collective over DeepSpeed's data-parallel group: ZeRO
         partitions are gathered; its rank 0 writes the shard)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
         g = self.grid
         self._link_optimizer_state()
         keys, step = self._state_keys()
         weights, moments = {}, {}
         with operation("gather ZeRO partitions for the checkpoint"):
             for name, p in self.stage.model.named_parameters():
-                full = safe_get_full_fp32_param(p)
-                weights[name] = (full if full is not None else p.detach()).cpu()
-                moments[name] = {k: safe_get_full_optimizer_state(p, k).cpu() for k in keys}
+                weights[name] = self._full_weight(p).cpu()
+                moments[name] = {k: self._full_state(p, k).cpu() for k in keys}
         # Persistent buffers are model state too (the PC layer's power-iteration vectors).
         weights.update({name: b.detach().cpu() for name, b in self._buffers().items()})
         if g.ep > 1:  # each expert rank its experts; the rest once, from expert rank 0
@@ -433,20 +461,25 @@ class ParallelTrainModule(TrainModule):
                 self.stage.tied_head.copy_(reader.tensor("embed.weight", g.tp_rank, g.tp))
 
     def _load_optimizer(self, reader: CheckpointReader) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         step = reader.optimizer_step()
         if step == 0:
             return  # imported weights: the optimizer starts afresh
-        self._materialize_optimizer_state()
-        self._link_optimizer_state()
         g = self.grid
+        if self.zero_stage == 0:  # the slices read become the state: no warm-up, no copies
+            optimizer = self.engine.optimizer
+            named = reader.named_optimizer_state(self.stage.model, optimizer, g.tp_rank, g.tp)
+            optimizer.load_state_dict(named)
+            return
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        self._materialize_optimizer_state()  # ZeRO: fill the partitions it creates
+        self._link_optimizer_state()
         for name, p in self.stage.model.named_parameters():
             for key, shard in reader.moments(name, g.tp_rank, g.tp).items():
                 safe_set_full_optimizer_state(p, shard.to(g.device), key)
         for state in self._inner_optimizer().state.values():
-            if "step" in state:
-                state["step"] = torch.tensor(float(step))
+            if "step" in state:  # keeps its device and dtype (fused AdamW: on the parameter's)
+                state["step"] = torch.full_like(torch.as_tensor(state["step"]), float(step))
 
     def _materialize_optimizer_state(self) -> None:
         """One step with zero gradients at lr 0, so the engine creates its (empty) optimizer
