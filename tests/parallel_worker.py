@@ -22,6 +22,7 @@ warnings.simplefilter("ignore")
 from arch.config import ModelConfig  # noqa: E402
 from arch.model import SubLayer  # noqa: E402
 from trainer.config import RunConfig  # noqa: E402
+from trainer.parallel.data_parallel import DataParallelEngine  # noqa: E402
 from trainer.parallel.grid import Grid, init_grid  # noqa: E402
 from trainer.parallel.train_module import ParallelTrainModule  # noqa: E402
 from trainer.train_module import SingleProcessTrainModule  # noqa: E402
@@ -116,6 +117,16 @@ def reference(layout: dict) -> dict:
     return {**summary(out), "eval": module.eval_loss(held_out(), MICRO)}
 
 
+def check_engine(module: ParallelTrainModule, zero: int, zero_group: int) -> None:
+    """DeepSpeed's ZeRO only where it partitions something (a ZeRO group of several ranks);
+    else the plain engine, whose optimizer steps the model's own tensors (no copies)."""
+    plain = isinstance(module.engine, DataParallelEngine)
+    assert plain == (zero == 0 or zero_group == 1), (type(module.engine), zero, zero_group)
+    if plain:
+        stepped = {id(p) for g in module.engine.optimizer.param_groups for p in g["params"]}
+        assert all(id(p) in stepped for p in module.stage.model.parameters())
+
+
 def run_layout(layout: dict) -> dict:
     from megatron.core import parallel_state as ps
 
@@ -128,6 +139,7 @@ def run_layout(layout: dict) -> dict:
     module = ParallelTrainModule(cfg, grid)  # GLOBAL // (MICRO * dp) micro-batches a step
     modes = {m.recompute for m in module.stage.modules() if isinstance(m, SubLayer)}
     assert modes == {cfg.parallel.recompute}, modes  # the option reached every sub-layer
+    check_engine(module, layout["zero"], grid.dp // grid.ep)
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
     ]

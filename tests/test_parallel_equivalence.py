@@ -115,6 +115,7 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 2, "pp": 1, "zero": 1},
         {"tp": 1, "pp": 2, "zero": 1},
         {"tp": 1, "pp": 1, "zero": 1},  # dp = 2
+        {"tp": 1, "pp": 1, "zero": 0},  # dp = 2 without ZeRO: the plain engine's all-reduce
         {"tp": 1, "pp": 1, "zero": 2},
         {"tp": 1, "pp": 1, "zero": 3},
         {"tp": 1, "pp": 2, "zero": 1, "parallel": {"virtual_stages": 2}},  # interleaved 1F1B
@@ -163,6 +164,8 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
     layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[1]}]
     layouts += [{"tp": 2, "pp": 1, "zero": 1, **MOE_EVERY_STAGE[2], **SP}]  # tmm: (x, v)
     layouts += [{"tp": 1, "pp": 1, "zero": 2, **MOE_EVERY_STAGE[2]}]  # dp 2
+    # dp 2 without ZeRO, top-1: an expert one rank never ran joins the all-reduce with zeros.
+    layouts += [{"tp": 1, "pp": 1, "zero": 0, **MOE_EVERY_STAGE[0]}]
     layouts += [{"tp": 1, "pp": 2, "zero": 1, **MOE_EVERY_CHUNK, "parallel": INTERLEAVED}]
     assert_matches_reference(run_layouts(tmp_path, 2, layouts))
 
@@ -185,6 +188,8 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
             **MOE_EVERY_CHUNK,
         },
         {"tp": 1, "pp": 1, "zero": 1, "parallel": {"expert": 4}, "capacity": 1.0},  # drops
+        # dp 4, ep 2: DeepSpeed's ZeRO over each expert-data-parallel pair, EP inside it.
+        {"tp": 1, "pp": 1, "zero": 1, **EP2, **MOE_EVERY_STAGE[1]},
     ]
     # Interleaved 1F1B with selective recomputation; full recomputation with sequence
     # parallelism (stages send the sequence part; MoE losses on both stages, not counted twice).

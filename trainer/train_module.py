@@ -20,6 +20,7 @@ from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts
 from arch.recompute import set_recompute
 from trainer.config import RunConfig
+from trainer.host_memory import release_freed_host_memory
 from trainer.optim import build_optimizer
 from trainer.parallel.grid import Grid
 from trainer.train_module_base import StepResult, TrainModule
@@ -88,6 +89,7 @@ class SingleProcessTrainModule(TrainModule):
             total += lm.detach() / len(micro_batches)
         clip = self.cfg.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
+        release_freed_host_memory(self.device)
         self.optimizer.step()
         post_optimizer_step(self.model)
         self.optimizer.zero_grad(set_to_none=True)

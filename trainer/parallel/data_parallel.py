@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from trainer.host_memory import release_freed_host_memory
+
 BUCKET_ELEMENTS = 2**24  # 64 MiB of fp32 per all-reduce: the transient copy stays small
 
 
@@ -100,7 +102,8 @@ class DataParallelEngine:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
             if p.grad is not None and counts_in_norm(p, self.tp_rank):
-                total += torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+                # fp32 per tensor (as clip_grad_norm_), summed in fp64: no fp64 copy of a grad
+                total += torch.linalg.vector_norm(p.grad).double() ** 2
         if self.mp_size > 1:
             dist.all_reduce(total, group=self.mp_group)
         return total.sqrt().float()
@@ -116,6 +119,7 @@ class DataParallelEngine:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
+        release_freed_host_memory(norm.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
