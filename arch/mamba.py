@@ -87,7 +87,8 @@ class Mamba(nn.Module):
         self.out_proj = tp.linear(cfg, full, cfg.d_model, "out_proj", ROW_PARALLEL)
         for p in (self.A_log, self.D):
             p._no_weight_decay = True  # mamba_ssm's marker: decaying them pulls A, D to 0
-        self.post_init_weights()
+        if not self.A_log.is_meta:  # shapes only (a rank's plan, a census): nothing to fill
+            self.post_init_weights()
 
     @classmethod
     def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:

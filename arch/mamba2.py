@@ -192,7 +192,8 @@ class Mamba2(nn.Module):
         self.out_proj = tp.linear(cfg, d, cfg.d_model, "out_proj", ROW_PARALLEL)
         for p in (self.A_log, self.D, self.dt_bias):
             p._no_weight_decay = True
-        self.post_init_weights()
+        if not self.A_log.is_meta:  # shapes only (a rank's plan, a census): nothing to fill
+            self.post_init_weights()
 
     @classmethod
     def tensor_parallel_plan(cls, cfg: ModelConfig) -> TensorParallelPlan:

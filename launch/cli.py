@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -291,6 +292,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             n = count_parameters(build_model(cfg.model))
         print(f"# parameters: {n:,} ({n / 1e6:.2f}M)")
+        with warnings.catch_warnings():  # Megatron's about Apex and Transformer Engine
+            warnings.simplefilter("ignore")
+            from trainer.parallel.census import largest_rank_line
+
+            print(largest_rank_line(cfg, max(world, cfg.launch.nproc_per_node)))
         return 0
     command = _train_command(args)
     if world > 1:

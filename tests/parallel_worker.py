@@ -140,6 +140,11 @@ def run_layout(layout: dict) -> dict:
     modes = {m.recompute for m in module.stage.modules() if isinstance(m, SubLayer)}
     assert modes == {cfg.parallel.recompute}, modes  # the option reached every sub-layer
     check_engine(module, layout["zero"], grid.dp // grid.ep)
+    # What each rank holds, for `trainer.parallel.census` to be checked against (the test).
+    # (ZeRO-3 partitions the tensors themselves: ds_numel is the shard's full size.)
+    held = sum(getattr(p, "ds_numel", p.numel()) for p in module.stage.model.parameters())
+    rank_params = [None] * dist.get_world_size()
+    dist.all_gather_object(rank_params, [grid.pp_rank, grid.tp_rank, grid.ep_rank, held])
     out = [
         module.train_step(micro_batches(b, grid.dp_rank, grid.dp), 3e-3) for b in global_batches()
     ]
@@ -147,7 +152,12 @@ def run_layout(layout: dict) -> dict:
     del module
     ps.destroy_model_parallel()
     assert world is None or dist.get_world_size() == world
-    return {**summary(out), "eval": evaluated, "micro_batches": GLOBAL // (MICRO * grid.dp)}
+    return {
+        **summary(out),
+        "eval": evaluated,
+        "micro_batches": GLOBAL // (MICRO * grid.dp),
+        "rank_params": rank_params,
+    }
 
 
 def watchdog(pieces: int = 1) -> None:

@@ -577,10 +577,13 @@ def test_dry_run_prints_the_resolved_config_and_parameter_count(cli_runs):
     # The printed YAML is the same config load_config gives.
     cfg = load_config("tiny", [a for a in dry_args[2:] if "=" in a])
     assert printed == OmegaConf.to_container(OmegaConf.structured(cfg))
-    last = proc.stdout.strip().splitlines()[-1]
+    count, layout = proc.stdout.strip().splitlines()[-2:]
     with torch.device("meta"):
         n = count_parameters(build_model(cfg.model))
-    assert last == f"# parameters: {n:,} ({n / 1e6:.2f}M)"
+    assert count == f"# parameters: {n:,} ({n / 1e6:.2f}M)"
+    # The largest rank's state, from its shard built on the meta device (one process: all).
+    assert layout.startswith("# layout tp 1 x pp 1 x dp 1 (ep 1, ZeRO 0): 1 rank role;")
+    assert f"holds {n:,} parameters" in layout and "Warning" not in proc.stderr
     assert not dry_dir.exists() and not dry_dir.parent.joinpath("run").exists()
     assert not Path(REPO, "runs/data/stdlib-byte-tiny-48").exists()
 

@@ -98,6 +98,31 @@ def assert_matches_reference(payload: dict) -> None:
         assert result["pipeline"] == expected_bubbles(layout, result["micro_batches"]), layout
 
 
+def assert_census_matches_ranks(payload: dict) -> None:
+    """`trainer.parallel.census` (each rank's shard built on the meta device under a fake process
+    group, in this process) counts what every real rank of every layout held, exactly."""
+    from tests.parallel_worker import model_options, run_config
+    from trainer.parallel.census import Layout, rank_census
+
+    for layout, result in zip(payload["layouts"], payload["results"], strict=True):
+        tp, pp, world = layout["tp"], layout["pp"], len(result["rank_params"])
+        extra = layout.get("parallel", {})
+        simulated = Layout(
+            tp=tp,
+            pp=pp,
+            dp=world // (tp * pp),
+            ep=extra.get("expert", 1),
+            virtual=extra.get("virtual_stages", 1),
+            zero=layout["zero"],
+        )
+        cfg = run_config(layout["zero"], tp, pp, **model_options(layout))
+        census = {
+            (r.pp_rank, r.tp_rank, r.ep_rank): r.params for r in rank_census(cfg.model, simulated)
+        }
+        real = {(p, t, e): held for p, t, e, held in result["rank_params"]}
+        assert census == real, f"{layout}: census {census} vs ranks {real}"
+
+
 def expected_bubbles(layout: dict, m: int) -> dict[str, float]:
     """The pipeline metrics a layout logs with m micro-batches a step: the share of the step
     a rank idles, (P - 1) / (v m + P - 1), interleaved and not."""
@@ -126,7 +151,9 @@ def test_two_rank_layouts_match_one_process(tmp_path):
         {"tp": 1, "pp": 2, "zero": 1, "parallel": {"recompute": "full"}},
         {"tp": 1, "pp": 1, "zero": 3, "parallel": {"recompute": "full"}},
     ]
-    assert_matches_reference(run_layouts(tmp_path, 2, layouts))
+    payload = run_layouts(tmp_path, 2, layouts)
+    assert_matches_reference(payload)
+    assert_census_matches_ranks(payload)
 
 
 RESIDUALS = ["plain", "heavy_ball", "yurii", "tmm", "adam", "adamw", "rmsprop", "muon", "ortho"]
@@ -167,7 +194,9 @@ def test_moe_on_every_stage_matches_one_process(tmp_path):
     # dp 2 without ZeRO, top-1: an expert one rank never ran joins the all-reduce with zeros.
     layouts += [{"tp": 1, "pp": 1, "zero": 0, **MOE_EVERY_STAGE[0]}]
     layouts += [{"tp": 1, "pp": 2, "zero": 1, **MOE_EVERY_CHUNK, "parallel": INTERLEAVED}]
-    assert_matches_reference(run_layouts(tmp_path, 2, layouts))
+    payload = run_layouts(tmp_path, 2, layouts)
+    assert_matches_reference(payload)
+    assert_census_matches_ranks(payload)
 
 
 def test_tp2_x_pp2_matches_one_process(tmp_path):
@@ -197,7 +226,9 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
     full = {"recompute": "full", "sequence_parallel": True}
     layouts += [{"tp": 2, "pp": 2, "zero": 1, "parallel": selective}]
     layouts += [{"tp": 2, "pp": 2, "zero": 2, "parallel": full, **MOE_EVERY_STAGE[2]}]
-    assert_matches_reference(run_layouts(tmp_path, 4, layouts))
+    payload = run_layouts(tmp_path, 4, layouts)
+    assert_matches_reference(payload)
+    assert_census_matches_ranks(payload)
 
 
 def test_eight_ranks_pp2_tp2_dp2_match_one_process(tmp_path):
@@ -205,7 +236,9 @@ def test_eight_ranks_pp2_tp2_dp2_match_one_process(tmp_path):
     # Every lever at once: tp 2 x pp 2 x dp 2, ZeRO-2, sequence parallel, experts over ep 2.
     every = {"parallel": {"expert": 2, "sequence_parallel": True}, **MOE_EVERY_STAGE[1]}
     layouts += [{"tp": 2, "pp": 2, "zero": 2, **every}]
-    assert_matches_reference(run_layouts(tmp_path, 8, layouts))
+    payload = run_layouts(tmp_path, 8, layouts)
+    assert_matches_reference(payload)
+    assert_census_matches_ranks(payload)
 
 
 def test_srun_tasks_find_their_rendezvous():

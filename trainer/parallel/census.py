@@ -1,10 +1,10 @@
 """What every rank of a layout holds, counted on its real shard built on the meta device.
 
-No process group and no memory is needed: Megatron's parallel layers take their tensor- and
-expert-parallel size and rank from `megatron.core.parallel_state`'s overrides, which
-`simulated_rank` sets for the build (and clears after), so a rank's stage is built by the very
-code a training rank runs (`ParallelTrainModule`: `HybridLM` with the Megatron context, cut by
-`PipelineStage`), every plugin's plan honoured, on the meta device. A 64-GPU layout of a 52B
+No GPU, no other process and no memory is needed: `simulated_rank` makes this process one rank
+of the layout's world on torch's fake process-group backend with Megatron's groups over it, and
+the rank's stage is built by the very code a training rank runs (`ParallelTrainModule`:
+`HybridLM` with the Megatron context, cut by `PipelineStage`), every plugin's plan honoured, on
+the meta device. A 64-GPU layout of a 52B
 model is a few dozen such builds: one per distinct (pipeline, tensor, expert) rank role; the
 data-parallel replicas of a role hold the same shapes.
 
@@ -24,10 +24,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from arch import HybridLM, count_parameters
 from arch.config import ModelConfig
-from arch.model_plan import expert_of
+from arch.model_plan import expert_of, split_of
+from trainer.config import RunConfig
 from trainer.parallel.stages import PipelineStage, rank_chunks, stage_layer_ranges
 
 
@@ -72,60 +74,75 @@ class RankShard:
 
 
 @contextlib.contextmanager
-def simulated_rank(tp: int, tp_rank: int, ep: int, ep_rank: int) -> Iterator[None]:
-    """Megatron's layers built as tensor rank ``tp_rank`` of ``tp`` and expert rank ``ep_rank``
-    of ``ep``, without process groups (`parallel_state`'s size/rank overrides, cleared after)."""
+def simulated_rank(layout: Layout, rank: int) -> Iterator[None]:
+    """This process as global rank ``rank`` of ``layout``'s world: torch's fake process-group
+    backend (collectives are no-ops, nothing is sent; torchtitan's dry runs use it) under
+    Megatron's groups, so Megatron's parallel layers take their real sizes and ranks."""
     from megatron.core import parallel_state as ps
+    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    ps.set_tensor_model_parallel_world_size(tp)
-    ps.set_tensor_model_parallel_rank(tp_rank)
-    ps.set_expert_model_parallel_world_size(ep)
-    ps.set_expert_model_parallel_rank(ep_rank)
+    if dist.is_initialized():
+        raise RuntimeError("a census simulates ranks outside a distributed job")
+    dist.init_process_group("fake", rank=rank, world_size=layout.world, store=FakeStore())
     try:
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            expert_model_parallel_size=layout.ep,
+            create_gloo_process_groups=False,
+        )
         yield
     finally:
-        ps.set_tensor_model_parallel_world_size(None)
-        ps.set_tensor_model_parallel_rank(None)
-        ps.set_expert_model_parallel_world_size(None)
-        ps.set_expert_model_parallel_rank(None)
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
 
 
-def rank_stage(
-    cfg: ModelConfig, layout: Layout, pp_rank: int, tp_rank: int, ep_rank: int
-) -> PipelineStage:
-    """The stage rank (``pp_rank``, ``tp_rank``, ``ep_rank``) trains, on the meta device."""
+def _stage(cfg: ModelConfig, layout: Layout, pp_rank: int) -> PipelineStage:
+    """The current (simulated) rank's stage on the meta device, as `ParallelTrainModule` cuts it."""
     from arch.tensor_parallel_plan import DENSE
     from trainer.parallel.tensor_parallel import MegatronTensorParallel
 
-    with simulated_rank(layout.tp, tp_rank, layout.ep, ep_rank), torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         tp = MegatronTensorParallel() if layout.tp > 1 or layout.ep > 1 else DENSE
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = HybridLM(cfg, tp=tp, init=False)
+        model = HybridLM(cfg, tp=tp, init=False)
     ranges = stage_layer_ranges(cfg, layout.pp, layout.virtual)
     chunks = rank_chunks(ranges, pp_rank, layout.pp)
     return PipelineStage(model, chunks, pp_rank == 0, pp_rank == layout.pp - 1)
 
 
-def _owned(name: str, p: torch.nn.Parameter, cfg: ModelConfig, tp_rank: int, ep_rank: int) -> bool:
-    split = getattr(p, "tensor_model_parallel", False)
+def _owned(name: str, cfg: ModelConfig, tp_rank: int, ep_rank: int) -> bool:
+    """Whether this rank's copy of ``name`` is the one counted model-wide (the plugins' plans
+    say what splits: the marks on parameters come only with `arch.model.materialize`)."""
+    split = split_of(name, cfg) is not None
     expert = expert_of(name, cfg) is not None
-    return (bool(split) or tp_rank == 0) and (expert or ep_rank == 0)
+    return (split or tp_rank == 0) and (expert or ep_rank == 0)
 
 
 def rank_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
-    """Every distinct rank role of ``layout``, pipeline rank major."""
-    out = []
-    for pp_rank in range(layout.pp):
-        for tp_rank in range(layout.tp):
-            for ep_rank in range(layout.ep):
-                stage = rank_stage(cfg, layout, pp_rank, tp_rank, ep_rank)
-                params = owned = experts = 0
-                for name, p in stage.model.named_parameters():
-                    params += p.numel()
-                    owned += p.numel() if _owned(name, p, cfg, tp_rank, ep_rank) else 0
-                    experts += p.numel() if expert_of(name, cfg) is not None else 0
-                out.append(RankShard(pp_rank, tp_rank, ep_rank, params, owned, experts))
+    """Every distinct (pipeline, tensor, expert) rank role of ``layout``, in global rank order
+    of its first rank."""
+    from megatron.core import parallel_state as ps
+
+    out, seen = [], set()
+    for rank in range(layout.world):
+        with simulated_rank(layout, rank):
+            role = (
+                ps.get_pipeline_model_parallel_rank(),
+                ps.get_tensor_model_parallel_rank(),
+                ps.get_expert_model_parallel_rank(),
+            )
+            if role in seen:
+                continue
+            seen.add(role)
+            pp_rank, tp_rank, ep_rank = role
+            stage = _stage(cfg, layout, pp_rank)
+        params = owned = experts = 0
+        for name, p in stage.model.named_parameters():
+            params += p.numel()
+            owned += p.numel() if _owned(name, cfg, tp_rank, ep_rank) else 0
+            experts += p.numel() if expert_of(name, cfg) is not None else 0
+        out.append(RankShard(pp_rank, tp_rank, ep_rank, params, owned, experts))
     return out
 
 
@@ -157,3 +174,38 @@ def state_bytes(shard: RankShard, layout: Layout, moments: int = 2) -> dict[str,
         }
     grads = (n * word if stage == 1 else 0) + n * word / z
     return {"weights": n * word, "grads": grads, "optimizer": (1 + moments) * n * word / z}
+
+
+def optimizer_moments(optimizer: str) -> int:
+    """fp32 state tensors per parameter: SGD's momentum 1, AdamW's 2 (Muon: at most 2)."""
+    return 1 if optimizer == "sgd" else 2
+
+
+def largest_rank_line(cfg: RunConfig, world: int) -> str:
+    """One line for ``--dry-run``: the layout and the bytes its largest rank keeps for weights,
+    gradients and optimizer state (from its shard built on the meta device)."""
+    p = cfg.parallel
+    layout = Layout(
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=world // (p.tensor * p.pipeline),
+        ep=p.expert,
+        virtual=p.virtual_stages,
+        zero=p.zero_stage,
+    )
+    census = rank_census(cfg.model, layout)
+    largest = max(census, key=lambda r: r.params)
+    parts = state_bytes(largest, layout, optimizer_moments(cfg.optim.name))
+    roles = f"{len(census)} rank role" + ("s" if len(census) > 1 else "")
+    return (
+        f"# layout tp {layout.tp} x pp {layout.pp} x dp {layout.dp} (ep {layout.ep}, ZeRO "
+        f"{layout.effective_zero}): {roles}; the largest (pp {largest.pp_rank}, tp "
+        f"{largest.tp_rank}, ep {largest.ep_rank}) holds {largest.params:,} parameters: weights "
+        f"{_size(parts['weights'])} + gradients {_size(parts['grads'])} + optimizer "
+        f"{_size(parts['optimizer'])} = {_size(sum(parts.values()))} (fp32; activations not "
+        f"counted)"
+    )
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
