@@ -1,6 +1,7 @@
 """What the distributed path costs at equal compute: one optimizer step of the same model through
-the plain TrainModule and through the ParallelTrainModule (DeepSpeed ZeRO-1 engine, the 1F1B
-schedule, Megatron groups) in a world of one process, interleaved, best of N.
+the plain TrainModule and through the ParallelTrainModule (the 1F1B schedule, Megatron groups and
+the engine: at world 1 the plain one, ZeRO having nothing to partition) in a world of one
+process, interleaved, best of N.
 
     .venv/bin/python benchmarks/bench_distributed_overhead.py [--steps 8] [--d-model 256]
 
