@@ -51,11 +51,12 @@ def train(data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def tp2_pp2_run(tiny_data, tmp_path_factory) -> Path:
-    """4 steps at tp 2 x pp 2 (4 ranks), checkpoints at steps 2 and 4."""
+    """4 steps at tp 2 x pp 2 (4 ranks), checkpoints at steps 2 and 4. Step 2's is written in
+    the background (`trainer.checkpoint_async`): every resume below starts from it, and the
+    same-layout resume continues bit for bit."""
     run = tmp_path_factory.mktemp("dist") / "tp2pp2"
-    proc = train(
-        tiny_data, run, "parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"
-    )
+    layout = ("parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4")
+    proc = train(tiny_data, run, *layout, "trainer.checkpoint_async=true")
     assert "dp 1 x pp 2 x tp 2" in proc.stdout + proc.stderr
     return run
 

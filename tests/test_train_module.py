@@ -44,9 +44,9 @@ def test_the_factory_gives_one_process_the_single_process_module(tmp_path, tiny_
 
 def test_a_module_that_leaves_out_part_of_the_contract_cannot_be_built(tmp_path, tiny_data):
     class NoSave(SingleProcessTrainModule):
-        save_state = TrainModule.save_state  # the abstract one
+        prepare_save = TrainModule.prepare_save  # the abstract one
 
-    with pytest.raises(TypeError, match="save_state"):
+    with pytest.raises(TypeError, match="prepare_save"):
         NoSave(tiny_config(tmp_path, tiny_data), Grid.one_process())
 
 

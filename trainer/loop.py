@@ -35,6 +35,7 @@ from data_pipeline import (
 from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
 from trainer import exit_codes
+from trainer.checkpoint.background import BackgroundSave
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
 from trainer.metrics import MetricsLogger, ProgressBar
@@ -170,6 +171,7 @@ class Trainer:
         self.log = log if self.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.trainer.run_dir)
         self.checkpoints_dir = self.run_dir / "checkpoints"
+        self._background: BackgroundSave | None = None  # the checkpoint being written, if any
         self.accum = grad_accumulation_steps(cfg, world_size=self.grid.world)
 
     # ---- set-up -------------------------------------------------------------------------
@@ -351,9 +353,15 @@ class Trainer:
                 bar.update(out.loss, tps, lr)
                 # One collective a step: a signal may reach the ranks at different steps, and
                 # a stage's gradient norm may blow up alone (DeepSpeed then skips every step).
-                preempted, diverged = self.grid.any_rank(preemption.check(), _diverged(out))
+                # ... which also tells whether a background checkpoint is still being written.
+                writing = self._background is not None and self._background.writing()
+                preempted, diverged, writing = self.grid.any_rank(
+                    preemption.check(), _diverged(out), writing
+                )
                 if diverged:
                     raise self._divergence_error(out, step)
+                if self._background is not None and not writing:
+                    result.last_checkpoint = self._finish_background(module)
                 if step % t.log_every == 0 or step == 1 or step == stop:
                     metrics.log(
                         step,
@@ -374,7 +382,14 @@ class Trainer:
                     metrics.log(step, {"eval/loss": result.eval_loss})
                     bar.write(f"[eval] step {step}: held-out loss {result.eval_loss:.4f}")
                 if last or preempted or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                    result.last_checkpoint = self._save(module, loader, step, tokens, preemption)
+                    if self._background is not None:  # at most one save in flight
+                        result.last_checkpoint = self._finish_background(module)
+                    if t.checkpoint_async and not (last or preempted):
+                        self._save_in_background(module, loader, step, tokens)
+                    else:
+                        result.last_checkpoint = self._save(
+                            module, loader, step, tokens, preemption
+                        )
                 if preempted and self.main:
                     notice.unlink(missing_ok=True)  # honoured: a resumed run goes on
                 if preempted and not last:
@@ -385,6 +400,8 @@ class Trainer:
                     )
                     break
         finally:
+            if self._background is not None:  # stopped by an error: let its writer end
+                self._background.wait()
             bar.close()
             metrics.close()
             batches.close()
@@ -498,6 +515,43 @@ class Trainer:
 
         self._agree_written(module, step, finish)
         preemption.writing = None
+        return self.checkpoints_dir / ckpt.step_dir_name(step)
+
+    def _save_in_background(self, module: TrainModule, loader, step: int, tokens: int) -> None:
+        """Checkpoint ``step`` as `_save` writes it, from a host-memory snapshot taken now, by a
+        background thread; `_finish_background` completes it once every rank's writer is done."""
+        state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
+        tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
+        self._agree_written(module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+        write_rank = module.prepare_save(copy=True)
+        yaml, tokenizer = config_yaml(self.cfg), self.tokenizer.save
+
+        def write() -> list[str]:
+            written = write_rank(tmp)
+            if self.main:  # the shared files are small: completing the checkpoint hashes them
+                ckpt.write_shared(tmp, state, yaml, tokenizer)
+            return written
+
+        self._background = BackgroundSave(step, tmp, write)
+
+    def _finish_background(self, module: TrainModule) -> Path:
+        """Wait for this rank's background writer, share the ranks' write errors (a failure
+        stops every rank with one line, as a synchronous save's does) and complete the
+        checkpoint; returns it."""
+        background, self._background = self._background, None
+        assert background is not None
+        step = background.step
+        self._agree_written(module, step, background.result, every_rank=True)
+        known: dict[str, dict] = {}
+        for hashes in self.grid.gather(background.hashes, f"share checkpoint {step}'s hashes"):
+            known.update(hashes)
+
+        def finish() -> None:
+            layout = module.checkpoint_layout
+            ckpt.finish_checkpoint(self.checkpoints_dir, step, layout, known)
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+
+        self._agree_written(module, step, finish)
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
     def _agree_written(

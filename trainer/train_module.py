@@ -8,6 +8,7 @@ one-process grid, and is the reference every layout of the distributed one is te
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,12 +114,15 @@ class SingleProcessTrainModule(TrainModule):
     def checkpoint_layout(self) -> None:
         return None
 
-    def save_state(self, directory: Path) -> None:
+    def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
         from trainer.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE
         from trainer.checkpoint.writer import write_rank
 
         model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
-        write_rank(directory, MODEL_FILE, model, OPTIMIZER_FILE, optimizer)
+        if copy:  # a snapshot in host memory: the next steps update the tensors in place
+            model = {k: v.detach().to("cpu", copy=True) for k, v in model.items()}
+            optimizer = host_copy(optimizer)
+        return lambda directory: write_rank(directory, MODEL_FILE, model, OPTIMIZER_FILE, optimizer)
 
     def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
         return trainer_state.get("rng")  # one process: the main rank's, in the trainer state
@@ -127,6 +131,17 @@ class SingleProcessTrainModule(TrainModule):
         from trainer.checkpoint import tensor_bytes
 
         return tensor_bytes(self.model.state_dict()) + tensor_bytes(self.optimizer.state_dict())
+
+
+def host_copy(tree):
+    """``tree`` (dicts, lists, tensors, numbers) with every tensor copied to host memory."""
+    if torch.is_tensor(tree):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: host_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(host_copy(v) for v in tree)
+    return tree
 
 
 def post_optimizer_step(model: torch.nn.Module) -> None:

@@ -11,6 +11,7 @@ Trainer never knows which it drives. (OLMo-core's ``TrainModule`` is the model o
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -80,10 +81,18 @@ class TrainModule(ABC):
         """Mean LM loss over held-out samples [N, T + 1], the same on every rank."""
 
     @abstractmethod
+    def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
+        """What this rank holds (weights, optimizer state, its own RNG where it differs), taken
+        now, and the function that writes it into a checkpoint directory (returning the names
+        of the files it wrote). Every rank calls it
+        (it may be a collective: ZeRO partitions are gathered here). ``copy``: copy the tensors
+        to host memory, so the writer may run in a background thread while training goes on
+        (``trainer.checkpoint_async``); else the writer must run before the next step."""
+
     def save_state(self, directory: Path) -> None:
-        """Write what this rank holds (weights, optimizer state, its own RNG where it differs)
-        into the checkpoint being written in ``directory``. Every rank calls it (it may be a
-        collective); the trainer state and the shared files are the Trainer's."""
+        """Write what this rank holds into the checkpoint being written in ``directory`` (a
+        collective, like `prepare_save`); the trainer state and shared files are the Trainer's."""
+        self.prepare_save(copy=False)(directory)
 
     @abstractmethod
     def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:

@@ -118,12 +118,25 @@ class Checkpoint:
         return cfg
 
 
-def manifest_of(directory: Path, step: int, layout: dict[str, int] | None) -> dict[str, Any]:
-    """The manifest of a written checkpoint directory: every file's size and xxh64."""
-    files = {
-        p.name: {"bytes": p.stat().st_size, "xxh64": file_xxh64(p)}
-        for p in sorted(directory.iterdir())
-    }
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its size and xxh64."""
+    return {"bytes": path.stat().st_size, "xxh64": file_xxh64(path)}
+
+
+def manifest_of(
+    directory: Path,
+    step: int,
+    layout: dict[str, int] | None,
+    known: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The manifest of a written checkpoint directory: every file's size and xxh64. ``known``:
+    entries the writers already computed (a background writer hashes what it wrote), used
+    where the size still matches."""
+    known = known or {}
+    files = {}
+    for p in sorted(directory.iterdir()):
+        entry = known.get(p.name)
+        files[p.name] = entry if entry and entry["bytes"] == p.stat().st_size else file_entry(p)
     manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": files}
     if layout is not None:
         manifest["layout"] = layout

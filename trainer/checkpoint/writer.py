@@ -52,12 +52,14 @@ def write_rank(
     weights: dict[str, torch.Tensor],
     optimizer_file: str,
     optimizer_state: dict,
-) -> None:
-    """What one rank holds: its weights (safetensors, CPU copies) and its optimizer state."""
+) -> list[str]:
+    """What one rank holds: its weights (safetensors, CPU copies) and its optimizer state;
+    returns the names of the files written."""
     save_file(
         {k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / weights_file
     )
     torch.save(optimizer_state, directory / optimizer_file)
+    return [weights_file, optimizer_file]
 
 
 def write_shard(
@@ -68,7 +70,7 @@ def write_shard(
     optimizer_step: int,
     moments: dict[str, dict[str, torch.Tensor]],
     ep_rank: int | None = None,
-) -> None:
+) -> list[str]:
     """The shard of (pipeline stage, tensor rank[, expert rank]): fp32 weights under their
     dense names and their optimizer moments by name, so any layout can read it back."""
     save_file(
@@ -84,6 +86,7 @@ def write_shard(
         directory / optim_file(pp_rank, tp_rank, ep_rank),
         metadata={OPTIM_STEP_KEY: str(optimizer_step)},
     )
+    return [shard_file(pp_rank, tp_rank, ep_rank), optim_file(pp_rank, tp_rank, ep_rank)]
 
 
 def write_shared(
@@ -101,13 +104,18 @@ def write_shared(
 
 
 def finish_checkpoint(
-    checkpoints_dir: Path, step: int, layout: dict[str, int] | None = None
+    checkpoints_dir: Path,
+    step: int,
+    layout: dict[str, int] | None = None,
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
-    """Hash every file of ``step_N.tmp`` into its manifest, rename it ``step_N``, point
-    ``latest`` at it. ``layout`` (tp, pp, dp) marks a checkpoint written as shards."""
+    """Hash every file of ``step_N.tmp`` into its manifest (``known``: entries already hashed
+    by the writers), rename it ``step_N``, point ``latest`` at it. ``layout`` (tp, pp, dp)
+    marks a checkpoint written as shards."""
     final = checkpoints_dir / step_dir_name(step)
     tmp = tmp_dir(checkpoints_dir, step)
-    _write_atomic(tmp / MANIFEST, json.dumps(manifest_of(tmp, step, layout), indent=2))
+    manifest = manifest_of(tmp, step, layout, known)
+    _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2))
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
         shutil.rmtree(final)

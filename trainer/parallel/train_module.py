@@ -21,6 +21,7 @@ Trainer does not know which module it drives. Recipe (measured in ../shared/refe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -420,27 +421,41 @@ class ParallelTrainModule(TrainModule):
             break
         return keys, step
 
-    def save_state(self, directory: Path) -> None:
-        """This rank's shard and RNG (collective over DeepSpeed's data-parallel group: ZeRO
-        partitions are gathered; its rank 0 writes the shard)."""
+    def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
+        """This rank's shard and RNG (collective over the engine's data-parallel group: ZeRO
+        partitions are gathered here); the writer writes the shard on its expert-data-parallel
+        rank 0 and this rank's RNG."""
         g = self.grid
         self._link_optimizer_state()
         keys, step = self._state_keys()
         weights, moments = {}, {}
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=copy)
+
         with operation("gather ZeRO partitions for the checkpoint"):
             for name, p in self.stage.model.named_parameters():
-                weights[name] = self._full_weight(p).cpu()
-                moments[name] = {k: self._full_state(p, k).cpu() for k in keys}
+                weights[name] = host(self._full_weight(p))
+                moments[name] = {k: host(self._full_state(p, k)) for k in keys}
         # Persistent buffers are model state too (the PC layer's power-iteration vectors).
-        weights.update({name: b.detach().cpu() for name, b in self._buffers().items()})
+        weights.update({name: host(b) for name, b in self._buffers().items()})
         if g.ep > 1:  # each expert rank its experts; the rest once, from expert rank 0
             keep = {n for n in weights if g.ep_rank == 0 or expert_of(n, self.cfg.model)}
             weights = {n: t for n, t in weights.items() if n in keep}
             moments = {n: m for n, m in moments.items() if n in keep}
-        if g.expert_dp_rank == 0:
-            ep_rank = g.ep_rank if g.ep > 1 else None
-            write_shard(directory, g.pp_rank, g.tp_rank, weights, step, moments, ep_rank)
-        torch.save(rng_state(), directory / rng_file(g.rank))
+        rng = rng_state()
+
+        def write(directory: Path) -> list[str]:
+            written = []
+            if g.expert_dp_rank == 0:
+                ep_rank = g.ep_rank if g.ep > 1 else None
+                written += write_shard(
+                    directory, g.pp_rank, g.tp_rank, weights, step, moments, ep_rank
+                )
+            torch.save(rng, directory / rng_file(g.rank))
+            return [*written, rng_file(g.rank)]
+
+        return write
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         """The stage's persistent buffers by dense name (what its state dict holds beyond the
