@@ -197,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("out", metavar="OUT", help="output directory")
 
+    p = sub.add_parser(
+        "checkpoint",
+        help="convert a checkpoint of any layout into one model file or a Hugging Face model",
+        description="checkpoint convert CKPT --to safetensors|torch|hf OUT: the dense weights "
+        "of a checkpoint of any layout (its optimizer state is not read) as one safetensors or "
+        "torch file (model config and step inside) or a Hugging Face directory.",
+    )
+    chk = p.add_subparsers(dest="checkpoint_command", metavar="convert")
+    c = chk.add_parser("convert", help="write CKPT's model as one file or a Hugging Face model")
+    c.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
+    c.add_argument("--to", required=True, choices=["safetensors", "torch", "hf"])
+    c.add_argument("out", metavar="OUT", help="new file (safetensors, torch) or directory (hf)")
+
     p = sub.add_parser("registry", help="list plugins", description="List registered plugins.")
     reg = p.add_subparsers(dest="registry_command", metavar="list")
     r = reg.add_parser("list", help="print every plugin name with its one-line doc")
@@ -616,6 +629,17 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from arch.registry import UsageError
+    from launch.convert import convert_checkpoint
+
+    if args.checkpoint_command != "convert":
+        raise UsageError("usage: hybridtron checkpoint convert CKPT --to safetensors|torch|hf OUT")
+    path = convert_checkpoint(args.checkpoint, args.to, args.out)
+    print(f"converted {args.checkpoint} -> {path} ({args.to})")
+    return 0
+
+
 def cmd_train_tokenizer(args: argparse.Namespace) -> int:
     from data_pipeline import DATASETS, DataConfig, train_bpe
     from data_pipeline.sources import IngestReport
@@ -685,6 +709,7 @@ COMMANDS = {
     "export": cmd_export,
     "import-hf": cmd_import_hf,
     "export-hf": cmd_export_hf,
+    "checkpoint": cmd_checkpoint,
     "registry": cmd_registry,
     "cluster": cmd_cluster,
     "submit": cmd_submit,

@@ -135,6 +135,35 @@ def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
     torch.testing.assert_close(exported(ids), merged(ids), rtol=1e-5, atol=1e-5)
 
 
+def test_checkpoint_convert_writes_one_model_file_without_the_optimizer(
+    tp2_pp2_run, tmp_path, monkeypatch
+):
+    """`hybridtron checkpoint convert`: the four shards' dense weights in one safetensors or
+    torch file (model config and step inside); the optimizer files are never read."""
+    from launch.convert import convert_checkpoint
+
+    step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
+    want = CheckpointReader(verify_checkpoint(step4)).model_state()
+
+    def no_optimizer(self):
+        raise AssertionError("convert read the optimizer state")
+
+    monkeypatch.setattr(CheckpointReader, "_optimizer", property(no_optimizer))
+    single = convert_checkpoint(step4, "safetensors", tmp_path / "model.safetensors")
+    with safe_open(single, "pt") as f:
+        assert set(f.keys()) == set(want)
+        assert all(torch.equal(f.get_tensor(k), want[k]) for k in want)
+        meta = f.metadata()
+    assert json.loads(meta["hybridtron_model_config"])["pattern"] == "*-|ME" and meta["step"] == "4"
+    saved = torch.load(convert_checkpoint(tp2_pp2_run, "torch", tmp_path / "model.pt"))  # newest
+    assert saved["step"] == 4 and saved["model_config"]["d_model"] == 32
+    assert all(torch.equal(saved["model"][k], want[k]) for k in want)
+    proc = run_cli("checkpoint", "convert", str(step4), "--to", "torch", str(tmp_path / "model.pt"))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"hybridtron checkpoint: error: {tmp_path / 'model.pt'} already exists; give a new output file"
+    ]
+
+
 def test_export_consolidates_a_sharded_checkpoint_into_one_process(tp2_pp2_run, tmp_path):
     step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
     out = tmp_path / "export"
