@@ -11,7 +11,7 @@ import pytest
 import torch.distributed as dist
 
 from launch.config import load_config
-from trainer.parallel.census import Layout, model_parameters, rank_census, state_bytes
+from trainer.parallel.census import Layout, RankShard, model_parameters, rank_census, state_bytes
 
 JAMBA_52B = 51_570_323_328  # `hybridtron train configs/jamba_52b.yaml --dry-run`
 
@@ -48,14 +48,21 @@ def test_64_simulated_ranks_hold_the_whole_52b_model_once(jamba_52b):
     assert not dist.is_initialized()  # the fake group is gone
 
 
-def test_zero_partitions_the_state_over_its_group(jamba_52b):
-    layout = Layout(tp=2, pp=4, dp=8, ep=2, zero=1)  # ZeRO over 4 expert-data-parallel ranks
-    shard = rank_census(jamba_52b, Layout(tp=2, pp=4, dp=8, ep=2))[0]
-    one = state_bytes(shard, layout)
-    assert one["weights"] == 4 * shard.params
-    assert one["optimizer"] == 3 * 4 * shard.params / 4  # fp32 master + 2 moments, over 4
+def test_zero_partitions_the_state_over_its_group():
+    shard = RankShard(pp_rank=0, tp_rank=0, ep_rank=0, params=1_000_000, owned=0, experts=0)
+    n = shard.params
+    one = state_bytes(shard, Layout(tp=2, pp=4, dp=8, ep=2, zero=1))  # over 4 ranks
+    assert one == {"weights": 4 * n, "grads": 4 * n + 4 * n / 4, "optimizer": 3 * 4 * n / 4}
+    two = state_bytes(shard, Layout(tp=2, pp=4, dp=8, ep=2, zero=2))
+    assert two["grads"] == 4 * n / 4
     three = state_bytes(shard, Layout(tp=2, pp=1, dp=8, ep=2, zero=3))
-    assert three["weights"] == 4 * shard.params / 4
+    assert three == {"weights": n, "grads": n, "optimizer": 3 * n}
+    # A ZeRO group of one rank (dp = ep) partitions nothing: the plain engine's whole state.
+    assert state_bytes(shard, Layout(dp=2, ep=2, zero=2)) == {
+        "weights": 4 * n,
+        "grads": 4 * n,
+        "optimizer": 8 * n,
+    }
 
 
 def test_a_census_inside_a_distributed_job_is_refused(tmp_path):
