@@ -1,0 +1,126 @@
+"""Checkpoints mirrored to an S3-compatible object store (``s3://bucket/prefix``).
+
+Work in progress for issue 15 point 4 (not wired into the Trainer yet). The design keeps every
+guarantee of the local format by staging: a checkpoint is written and completed locally as
+today (``step_N.tmp`` -> manifest -> ``step_N``), then uploaded file by file under
+``prefix/step_N/`` with ``manifest.json`` last, then ``prefix/latest`` is rewritten. So an upload
+cut short (a dead server, a pre-emption) leaves a prefix without a manifest, which discovery
+never takes for a checkpoint, and the previous checkpoint stays whole. Resuming downloads the
+newest complete one into the local staging directory and verifies it there (sizes, xxh64).
+
+Endpoint and credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, ...,
+``AWS_ENDPOINT_URL`` or ``S3_ENDPOINT_URL`` for a non-AWS server), as for the data pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from trainer.checkpoint.format import LATEST, MANIFEST, STEP_DIR, CheckpointError, verify_checkpoint
+
+SCHEME = "s3://"
+
+
+def is_remote(location: str | Path) -> bool:
+    return str(location).startswith(SCHEME)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix without trailing slash) of ``s3://bucket/prefix``."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", url)
+    if match is None or not match.group(1):
+        raise CheckpointError(f"{url!r} is not an s3://bucket/prefix URL")
+    return match.group(1), match.group(2).rstrip("/")
+
+
+class S3Checkpoints:
+    """The checkpoints under ``url`` (s3://bucket/prefix)."""
+
+    def __init__(self, url: str, client=None) -> None:
+        import boto3
+
+        self.url = url.rstrip("/")
+        self.bucket, self.prefix = split_url(url)
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+        self.client = client or boto3.client("s3", endpoint_url=endpoint)
+
+    def _key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def upload(self, local: Path) -> str:
+        """Upload the complete local checkpoint ``local`` (``.../step_N``): every file, the
+        manifest last, then ``latest``; returns its URL."""
+        verify_checkpoint(local)
+        files = sorted(p for p in local.iterdir() if p.name != MANIFEST)
+        for path in [*files, local / MANIFEST]:
+            self.client.upload_file(str(path), self.bucket, self._key(local.name, path.name))
+        self.client.put_object(Bucket=self.bucket, Key=self._key(LATEST), Body=local.name.encode())
+        return f"{self.url}/{local.name}"
+
+    def _step_prefixes(self) -> list[str]:
+        """Every ``step_N`` prefix, complete or not, oldest first."""
+        names, token = [], None
+        while True:
+            kwargs = {
+                "Bucket": self.bucket,
+                "Prefix": self._key("") + ("/" if self.prefix else ""),
+                "Delimiter": "/",
+            }
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self.client.list_objects_v2(**kwargs)
+            for common in page.get("CommonPrefixes", []):
+                name = common["Prefix"].rstrip("/").rsplit("/", 1)[-1]
+                if STEP_DIR.match(name):
+                    names.append(name)
+            if not page.get("IsTruncated"):
+                return sorted(names)
+            token = page["NextContinuationToken"]
+
+    def _exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError:
+            return False
+
+    def complete(self) -> list[str]:
+        """The names of the complete checkpoints (their manifest uploaded), oldest first."""
+        return [n for n in self._step_prefixes() if self._exists(self._key(n, MANIFEST))]
+
+    def download(self, name: str, local_dir: Path) -> Path:
+        """Checkpoint ``name`` into ``local_dir/name`` (through ``name.tmp``), verified."""
+        final, tmp = local_dir / name, local_dir / (name + ".download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(name) + "/"):
+            for obj in page.get("Contents", []):
+                file = obj["Key"].rsplit("/", 1)[-1]
+                self.client.download_file(self.bucket, obj["Key"], str(tmp / file))
+        verify_checkpoint(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` complete checkpoints (and any incomplete prefix
+        older than the newest complete one); returns the deleted names."""
+        done = self.complete()
+        if not done:
+            return []
+        kept = set(done[-keep:])
+        newest = done[-1]
+        doomed = [n for n in self._step_prefixes() if n not in kept and n < newest]
+        for name in doomed:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(name) + "/"):
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        return doomed
