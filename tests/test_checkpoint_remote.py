@@ -98,3 +98,55 @@ def test_a_server_that_dies_mid_upload_leaves_the_previous_checkpoint_whole(
     with pytest.raises(Exception):  # noqa: B017 (botocore's connection error; wrapped later)
         store.upload(local_run / "step_00000006")
     assert not any(k.endswith(MANIFEST) for k in calls)  # the manifest never went up
+
+
+def test_a_run_checkpoints_to_s3_and_resumes_from_there_on_a_fresh_machine(
+    server, tiny_data, tmp_path
+):
+    import shutil
+
+    from trainer.checkpoint import completed_checkpoints
+
+    store = S3Checkpoints("s3://ckpts/job")
+    store.client.create_bucket(Bucket="ckpts")
+    whole = Trainer(tiny_config(tmp_path / "whole", tiny_data, max_steps=6, checkpoint_every=2))
+    want = whole.fit().losses
+    url = {"checkpoint_dir": "s3://ckpts/job", "keep_checkpoints": 1}
+    first = tiny_config(tmp_path / "a", tiny_data, max_steps=6, checkpoint_every=2, **url)
+    first.trainer.stop_at_step = 4  # the same schedule, stopped (as a pre-empted job)
+    Trainer(first).fit()
+    assert store.complete() == ["step_00000004"]  # uploaded, the older one pruned
+    shutil.rmtree(tmp_path / "a")  # a new pod: nothing local
+    cfg = tiny_config(tmp_path / "a", tiny_data, max_steps=6, checkpoint_every=2, **url)
+    got = Trainer(cfg).fit().losses
+    assert {s: got[s] for s in (5, 6)} == {s: want[s] for s in (5, 6)}
+    assert [p.name for p in completed_checkpoints(tmp_path / "a" / "checkpoints")][-1] == (
+        "step_00000006"
+    )
+    assert store.complete() == ["step_00000006"]
+
+
+def test_an_unreachable_store_stops_the_run_with_one_line(server, tiny_data, tmp_path, monkeypatch):
+    """At the start (cannot list) and mid-run (the server dies before an upload): one line
+    each, and the local copy of the checkpoint stays complete."""
+    from trainer.checkpoint import CheckpointError, CheckpointWriteError
+
+    S3Checkpoints("s3://ckpts/job").client.create_bucket(Bucket="ckpts")
+    real = S3Checkpoints.upload
+
+    def dying(self, local):
+        server.kill()
+        server.wait()
+        return real(self, local)
+
+    monkeypatch.setattr(S3Checkpoints, "upload", dying)
+    cfg = tiny_config(tmp_path / "b", tiny_data, max_steps=2, checkpoint_every=2)
+    cfg.trainer.checkpoint_dir = "s3://ckpts/job"
+    with pytest.raises(CheckpointWriteError) as info:
+        Trainer(cfg).fit()
+    message = str(info.value)
+    assert message.startswith("uploading checkpoint step_00000002 to s3://ckpts/job failed")
+    assert "the local copy" in message and "\n" not in message
+    verify_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000002")
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint store s3://ckpts/job"):
+        Trainer(cfg).fit()  # the store is still down

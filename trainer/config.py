@@ -50,6 +50,9 @@ class TrainerConfig:
     eval_batches: int = 8  # held-out micro-batches per evaluation
     checkpoint_every: int = 100  # 0: only at the end
     keep_checkpoints: int = 3  # newest K checkpoints kept
+    checkpoint_dir: str | None = (
+        None  # None: <run_dir>/checkpoints; s3://bucket/prefix: staged there, uploaded
+    )
     checkpoint_async: bool = False  # periodic saves: host-memory snapshot, background write
     stop_at_step: int | None = None  # checkpoint and exit here; the schedule still spans max_steps
     resume: bool = True  # continue from the newest checkpoint in run_dir if there is one

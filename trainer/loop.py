@@ -36,6 +36,7 @@ from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
 from trainer import exit_codes
 from trainer.checkpoint.background import BackgroundSave
+from trainer.checkpoint.remote import S3Checkpoints, is_remote
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
 from trainer.metrics import MetricsLogger, ProgressBar
@@ -170,7 +171,12 @@ class Trainer:
         self.main = self.grid.is_main
         self.log = log if self.main else (lambda *a, **k: None)
         self.run_dir = Path(cfg.trainer.run_dir)
-        self.checkpoints_dir = self.run_dir / "checkpoints"
+        # Checkpoints are written (staged) locally; with an s3:// checkpoint_dir each complete
+        # one is then uploaded there (trainer/checkpoint/remote.py).
+        where = cfg.trainer.checkpoint_dir
+        remote = where is not None and is_remote(where)
+        self.checkpoints_dir = Path(where) if where and not remote else self.run_dir / "checkpoints"
+        self.remote = S3Checkpoints(where) if remote else None
         self._background: BackgroundSave | None = None  # the checkpoint being written, if any
         self.accum = grad_accumulation_steps(cfg, world_size=self.grid.world)
 
@@ -204,6 +210,7 @@ class Trainer:
         if t.resume_from:
             return ckpt.verify_checkpoint(t.resume_from)
         if t.resume:
+            self._fetch_remote()
             found = ckpt.find_latest_checkpoint(self.checkpoints_dir)
             if found is None and (self.run_dir / "metrics.jsonl").exists():
                 # Never restart over an earlier run without saying so.
@@ -218,6 +225,51 @@ class Trainer:
                 f"trainer.run_dir to start over (nothing is overwritten)"
             )
         return None
+
+    def _fetch_remote(self) -> None:
+        """With an object store and no local checkpoint newer than its newest complete one,
+        rank 0 downloads that one into the staging directory (then every rank reads it there:
+        a shared file system, or one node)."""
+        if self.remote is None:
+            return
+        if self.main:
+            try:
+                done = self.remote.complete()
+                local = ckpt.completed_checkpoints(self.checkpoints_dir)
+                if done and (not local or local[-1].name < done[-1]):
+                    self.log(f"[resume] downloading {self.remote.url}/{done[-1]}")
+                    self.remote.download(done[-1], self.checkpoints_dir)
+            except ckpt.CheckpointError:
+                raise
+            except Exception as exc:  # botocore's errors: connection, credentials, bucket
+                cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                raise ckpt.CheckpointError(
+                    f"cannot read the checkpoint store {self.remote.url} ({cause}); check "
+                    f"AWS_ENDPOINT_URL, the credentials and the bucket"
+                ) from None
+        self.grid.barrier("wait for the checkpoint download")
+
+    def _upload(self, module: TrainModule, step: int) -> None:
+        """Rank 0 uploads completed checkpoint ``step`` and prunes the store; a failure stops
+        every rank with one line (the local copy and the previous remote checkpoint stay)."""
+        if self.remote is None:
+            return
+        failure = None
+        path = self.checkpoints_dir / ckpt.step_dir_name(step)
+        if self.main:
+            try:
+                self.remote.upload(path)
+                self.remote.prune(self.cfg.trainer.keep_checkpoints)
+            except Exception as exc:  # botocore's errors: connection, credentials, bucket
+                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        failed = [f for f in self.grid.gather(failure, f"share checkpoint {step}'s upload") if f]
+        if failed:
+            raise ckpt.CheckpointWriteError(
+                f"uploading checkpoint {path.name} to {self.remote.url} failed ({failed[0]}); "
+                f"the local copy {path} is complete and the store's previous checkpoints are "
+                f"intact. Fix the store (endpoint, credentials, bucket), then run the same "
+                f"command: it resumes from the local copy"
+            )
 
     def _check_compatible(self, checkpoint: ckpt.Checkpoint) -> None:
         # The checkpoint's model config over today's defaults: fields added since it was
@@ -515,6 +567,7 @@ class Trainer:
 
         self._agree_written(module, step, finish)
         preemption.writing = None
+        self._upload(module, step)
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
     def _save_in_background(self, module: TrainModule, loader, step: int, tokens: int) -> None:
@@ -552,6 +605,7 @@ class Trainer:
             ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
 
         self._agree_written(module, step, finish)
+        self._upload(module, step)
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
     def _agree_written(
