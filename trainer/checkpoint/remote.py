@@ -1,6 +1,6 @@
 """Checkpoints mirrored to an S3-compatible object store (``s3://bucket/prefix``).
 
-Work in progress for issue 15 point 4 (not wired into the Trainer yet). The design keeps every
+`trainer.checkpoint_dir: s3://...` (issue 15 point 4), used by the Trainer. The design keeps every
 guarantee of the local format by staging: a checkpoint is written and completed locally as
 today (``step_N.tmp`` -> manifest -> ``step_N``), then uploaded file by file under
 ``prefix/step_N/`` with ``manifest.json`` last, then ``prefix/latest`` is rewritten. So an upload
@@ -62,23 +62,21 @@ class S3Checkpoints:
 
     def _step_prefixes(self) -> list[str]:
         """Every ``step_N`` prefix, complete or not, oldest first."""
-        names, token = [], None
-        while True:
-            kwargs = {
-                "Bucket": self.bucket,
-                "Prefix": self._key("") + ("/" if self.prefix else ""),
-                "Delimiter": "/",
-            }
-            if token:
-                kwargs["ContinuationToken"] = token
-            page = self.client.list_objects_v2(**kwargs)
+        top = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=top, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
                 name = common["Prefix"].rstrip("/").rsplit("/", 1)[-1]
                 if STEP_DIR.match(name):
                     names.append(name)
-            if not page.get("IsTruncated"):
-                return sorted(names)
-            token = page["NextContinuationToken"]
+        return sorted(names)
+
+    def _objects(self, name: str) -> list[str]:
+        """The keys under checkpoint ``name``'s prefix."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.bucket, Prefix=self._key(name) + "/")
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
     def _exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -98,11 +96,8 @@ class S3Checkpoints:
         final, tmp = local_dir / name, local_dir / (name + ".download")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(name) + "/"):
-            for obj in page.get("Contents", []):
-                file = obj["Key"].rsplit("/", 1)[-1]
-                self.client.download_file(self.bucket, obj["Key"], str(tmp / file))
+        for key in self._objects(name):
+            self.client.download_file(self.bucket, key, str(tmp / key.rsplit("/", 1)[-1]))
         verify_checkpoint(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -118,9 +113,8 @@ class S3Checkpoints:
         newest = done[-1]
         doomed = [n for n in self._step_prefixes() if n not in kept and n < newest]
         for name in doomed:
-            paginator = self.client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(name) + "/"):
-                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-                if keys:
-                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+            keys = self._objects(name)
+            for start in range(0, len(keys), 1000):  # delete_objects takes up to 1000 keys
+                batch = [{"Key": k} for k in keys[start : start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
         return doomed

@@ -30,6 +30,7 @@ from arch import HybridLM, count_parameters
 from arch.config import ModelConfig
 from arch.model_plan import expert_of, split_of
 from trainer.config import RunConfig
+from trainer.parallel.data_parallel import effective_zero_stage
 from trainer.parallel.stages import PipelineStage, rank_chunks, stage_layer_ranges
 
 
@@ -56,8 +57,8 @@ class Layout:
 
     @property
     def effective_zero(self) -> int:
-        """ZeRO over one rank partitions nothing: it runs as stage 0 (the plain engine)."""
-        return self.zero if self.zero_group > 1 else 0
+        """The stage the layout's ranks run (`effective_zero_stage`)."""
+        return effective_zero_stage(self.zero, self.zero_group)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,12 @@ from trainer.host_memory import release_freed_host_memory
 BUCKET_ELEMENTS = 2**24  # 64 MiB of fp32 per all-reduce: the transient copy stays small
 
 
+def effective_zero_stage(zero_stage: int, zero_group: int) -> int:
+    """The ZeRO stage a rank runs: over a ZeRO group of one rank there is nothing to partition,
+    so every stage runs as 0 (`DataParallelEngine`, without ZeRO's copies)."""
+    return zero_stage if zero_group > 1 else 0
+
+
 def counts_in_norm(p: nn.Parameter, tp_rank: int) -> bool:
     """ZeRO's rule: a tensor-parallel shard counts on every TP rank, a replicated parameter on
     TP rank 0 only, a pipeline- or expert-replicated copy (``ds_pipe_replicated``) never."""

@@ -37,7 +37,7 @@ from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
-from trainer.parallel.data_parallel import DataParallelEngine
+from trainer.parallel.data_parallel import DataParallelEngine, effective_zero_stage
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
 from trainer.parallel.grid import Grid, MegatronMPU
 from trainer.parallel.p2p import RingLink, StageLink
@@ -57,12 +57,6 @@ from trainer.train_module import autocast, model_inputs, post_optimizer_step
 from trainer.train_module_base import StepResult, TrainModule
 
 _TIED_TAG = 17  # point-to-point tag of the tied-embedding gradient and weight transfers
-
-
-def effective_zero_stage(zero_stage: int, zero_group: int) -> int:
-    """The ZeRO stage a rank runs: over a ZeRO group of one rank there is nothing to partition,
-    so every stage runs as 0 (`DataParallelEngine`, without ZeRO's copies)."""
-    return zero_stage if zero_group > 1 else 0
 
 
 def deepspeed_config(cfg: RunConfig, accum: int, dp: int, zero_stage: int) -> dict:
