@@ -590,11 +590,15 @@ def synchronize(device: torch.device) -> None:
 class TrainSpec:
     name: str
     overrides: list[str]
+    micro_batch: int | None = None  # None: the plan's train_micro
+    recompute: str = "none"
+    short: bool = False  # memory rows: 1 warm-up + 2 timed steps (peak memory is what they are for)
 
 
 def train_specs(plan: Plan, env: dict[str, Any]) -> list[TrainSpec]:
-    """Jamba with the preferred scan (cuda, else chunked, else cpu), the dense model, then Jamba
-    with the other scans (the time budget cuts from the end)."""
+    """Jamba with the preferred scan (cuda, else chunked, else cpu), the dense model, Jamba's peak
+    memory at other micro-batches / recomputation, then Jamba with the other scans (the time
+    budget cuts from the end)."""
     scans = []
     if plan.device.type == "cuda" and env["mamba_ssm_kernels"]:
         scans.append("cuda")
@@ -604,17 +608,31 @@ def train_specs(plan: Plan, env: dict[str, Any]) -> list[TrainSpec]:
     specs = [TrainSpec(f"jamba_125m, scan={scans[0]}", [f"model.mamba.scan={scans[0]}"])]
     blocks = plan.dense_overrides[0].split("=", 1)[1].count("*")
     specs.append(TrainSpec(f"dense {blocks}x(*-)", plan.dense_overrides))
+    # Peak memory at other micro-batches and recomputation settings: the data points that
+    # `hybridtron plan`'s activation model is checked against on a GPU (issue #16 item 6).
+    scan = [f"model.mamba.scan={scans[0]}"]
+    half = max(1, plan.train_micro // 2)
+    for micro, recompute in (
+        (half, "none"),
+        (plan.train_micro, "selective"),
+        (plan.train_micro, "full"),
+    ):
+        name = f"jamba_125m, scan={scans[0]}, micro {micro}, recompute {recompute}"
+        specs.append(TrainSpec(name, scan, micro, recompute, short=True))
     specs += [TrainSpec(f"jamba_125m, scan={s}", [f"model.mamba.scan={s}"]) for s in scans[1:]]
     return specs
 
 
 def train(p, plan: Plan, spec: TrainSpec, report: Report) -> dict[str, Any]:
-    steps = plan.train_warmup + plan.train_steps
+    warmup, timed = (1, 2) if spec.short else (plan.train_warmup, plan.train_steps)
+    steps = warmup + timed
+    micro = spec.micro_batch or plan.train_micro
     run_overrides = [
         f"trainer.max_steps={steps}",
         f"trainer.seq_len={plan.train_seq}",
-        f"trainer.micro_batch_size={plan.train_micro}",
-        f"trainer.global_batch_size={plan.train_micro}",
+        f"trainer.micro_batch_size={micro}",
+        f"trainer.global_batch_size={micro}",
+        f"parallel.recompute={spec.recompute}",
         "trainer.precision=bf16",
         "trainer.progress=false",
         f"optim.warmup_steps={max(1, plan.train_warmup)}",
@@ -625,8 +643,9 @@ def train(p, plan: Plan, spec: TrainSpec, report: Report) -> dict[str, Any]:
         "recipe": str(RECIPE.relative_to(ROOT)),
         "overrides": overrides,
         "data": "synthetic: uniform random token ids, no document masking (eos_id None)",
-        "warmup_steps": plan.train_warmup,
-        "timed_steps": plan.train_steps,
+        "warmup_steps": warmup,
+        "timed_steps": timed,
+        "recompute": spec.recompute,
     }
     device = plan.device
     cfg = p.load_config(str(RECIPE), overrides, world_size=1, note=None)
@@ -660,14 +679,14 @@ def train(p, plan: Plan, spec: TrainSpec, report: Report) -> dict[str, Any]:
     start = None
     done = 0
     for step in range(steps):
-        if step == plan.train_warmup:
+        if step == warmup:
             synchronize(device)
             start = time.perf_counter()
         lr = p.lr_at(step, t.max_steps, cfg.optim)
         with outer:
             out = module.train_step([batches[step % len(batches)]], lr)
         losses.append(out.loss)
-        if step >= plan.train_warmup:
+        if step >= warmup:
             done += 1
         if report.elapsed() > plan.deadline_s and step + 1 < steps:
             row["cut_short"] = (
@@ -696,6 +715,7 @@ def train(p, plan: Plan, spec: TrainSpec, report: Report) -> dict[str, Any]:
         row["why"] = "non-finite loss"
     if device.type == "cuda":
         row["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["max_memory_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     del module, batches
     return row
 
