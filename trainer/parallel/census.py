@@ -147,6 +147,55 @@ def rank_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
     return out
 
 
+def unit_parameters(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, tuple[int, int]]:
+    """(parameters, expert parameters) of every top-level unit (``embed``, ``state_init``,
+    ``layers.<i>``, ``norm``, ``head``) as tensor rank 0 / expert rank 0 of a ``tp`` x ``ep``
+    layout holds it, built once on the meta device under the simulated groups. A unit's shard
+    depends on the tensor and expert sizes only, never on the pipeline cut."""
+    key = (repr(cfg), tp, ep)  # ModelConfig is a mutable dataclass: its repr is the key
+    if key not in _UNIT_CACHE:
+        layout = Layout(tp=tp, dp=ep, ep=ep)
+        with simulated_rank(layout, 0):
+            model = _stage(cfg, layout, 0).model
+        units: dict[str, list[int]] = {}
+        for name, p in model.named_parameters():
+            parts = name.split(".")
+            unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+            counts = units.setdefault(unit, [0, 0])
+            counts[0] += p.numel()
+            counts[1] += p.numel() if expert_of(name, cfg) is not None else 0
+        _UNIT_CACHE[key] = {unit: (n, e) for unit, (n, e) in units.items()}
+    return _UNIT_CACHE[key]
+
+
+_UNIT_CACHE: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
+
+
+def pipeline_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
+    """One role per pipeline rank (tensor rank 0, expert rank 0), summed from `unit_parameters`:
+    what `rank_census` counts for those roles, in a fraction of the time (one meta build per
+    tensor x expert size instead of one per role), for the planner's thousands of layouts.
+    Every tensor / expert rank of a stage holds as many parameters as rank 0 (the plans split
+    evenly or replicate), so these are the layout's sizes; ``owned`` is not counted here (0)."""
+    units = unit_parameters(cfg, layout.tp, layout.ep)
+    ranges = stage_layer_ranges(cfg, layout.pp, layout.virtual)
+    out = []
+    for pp_rank in range(layout.pp):
+        names = [
+            f"layers.{i}"
+            for start, end in rank_chunks(ranges, pp_rank, layout.pp)
+            for i in range(start, end)
+        ]
+        if pp_rank == 0:
+            names += ["embed", "state_init"]
+        if pp_rank == layout.pp - 1:
+            names += ["norm", "head"]
+        counts = [units.get(name, (0, 0)) for name in names]
+        params, experts = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        out.append(RankShard(pp_rank, 0, 0, params, owned=0, experts=experts))
+    return out
+
+
 def model_parameters(cfg: ModelConfig) -> int:
     """The one-process model's parameter count (built on the meta device)."""
     with torch.device("meta"):

@@ -1,0 +1,63 @@
+"""The cluster a plan is made for: GPU memory, peak compute and the two links between GPUs.
+
+Presets carry the vendors' figures (dense bf16 without sparsity; one direction of a link);
+`hybridtron plan --gpu` picks one, and explicit numbers override any field. The fractions of
+these peaks that a step achieves are the time model's constants (`trainer.parallel.plan_time`),
+not the hardware's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """``gpus`` devices, ``gpus_per_node`` of them behind NVLink/NVSwitch, nodes joined by
+    InfiniBand. Bandwidths in GB/s per GPU and direction; ``memory_gib`` what a device offers."""
+
+    name: str
+    gpus: int
+    gpus_per_node: int
+    memory_gib: float
+    bf16_tflops: float
+    hbm_gbs: float
+    nvlink_gbs: float
+    ib_gbs: float
+    # Fixed cost of one collective / transfer (launch + synchronisation), seconds.
+    link_latency_s: float = 10e-6
+    # What the device runtime holds outside the tensor allocator (CUDA context, cuBLAS/NCCL
+    # workspaces): not available to tensors. Measured on the H200 of benchmarks/gpu_check.py as
+    # ~0.5 GiB for the context; NCCL adds its own buffers per communicator.
+    runtime_reserved_gib: float = 1.0
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.gpus // self.gpus_per_node)
+
+    def link(self, span: int) -> tuple[str, float]:
+        """(name, GB/s) of the slowest link a group of ranks ``span`` global ranks wide crosses:
+        NVLink when it fits in one node, else InfiniBand."""
+        if span <= self.gpus_per_node:
+            return "NVLink", self.nvlink_gbs
+        return "IB", self.ib_gbs
+
+
+# H100 / H200 SXM: 989 dense bf16 TFLOP/s, NVLink 4 at 900 GB/s both directions (450 one way),
+# one 400 Gb/s NDR InfiniBand adapter per GPU (50 GB/s); HBM3 3.35 TB/s (H100), HBM3e 4.8 TB/s
+# (H200). A100 SXM 80GB: 312 TFLOP/s, NVLink 3 at 300 GB/s one way, 200 Gb/s HDR (25 GB/s).
+PRESETS: dict[str, Hardware] = {
+    "h100": Hardware("H100-SXM-80GB", 8, 8, 80.0, 989.0, 3350.0, 450.0, 50.0),
+    "h200": Hardware("H200-SXM-141GB", 8, 8, 141.0, 989.0, 4800.0, 450.0, 50.0),
+    "a100": Hardware("A100-SXM-80GB", 8, 8, 80.0, 312.0, 2039.0, 300.0, 25.0),
+}
+
+
+def hardware(preset: str, gpus: int, gpus_per_node: int | None = None, **overrides) -> Hardware:
+    """The preset for ``gpus`` devices, with any field overridden (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown GPU preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset]
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    per_node = gpus_per_node or base.gpus_per_node
+    return replace(base, gpus=gpus, gpus_per_node=min(per_node, gpus), **fields)
