@@ -101,11 +101,14 @@ def simulated_rank(layout: Layout, rank: int) -> Iterator[None]:
 def _stage(cfg: ModelConfig, layout: Layout, pp_rank: int) -> PipelineStage:
     """The current (simulated) rank's stage on the meta device, as `ParallelTrainModule` cuts it."""
     from arch.tensor_parallel_plan import DENSE
-    from trainer.parallel.tensor_parallel import MegatronTensorParallel
 
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tp = MegatronTensorParallel() if layout.tp > 1 or layout.ep > 1 else DENSE
+        tp = DENSE
+        if layout.tp > 1 or layout.ep > 1:  # Megatron's layers (imported only when needed)
+            from trainer.parallel.tensor_parallel import MegatronTensorParallel
+
+            tp = MegatronTensorParallel()
         model = HybridLM(cfg, tp=tp, init=False)
     ranges = stage_layer_ranges(cfg, layout.pp, layout.virtual)
     chunks = rank_chunks(ranges, pp_rank, layout.pp)
@@ -155,8 +158,11 @@ def unit_parameters(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, tup
     key = (repr(cfg), tp, ep)  # ModelConfig is a mutable dataclass: its repr is the key
     if key not in _UNIT_CACHE:
         layout = Layout(tp=tp, dp=ep, ep=ep)
-        with simulated_rank(layout, 0):
+        if tp == ep == 1:  # the dense build: no groups (nor Megatron) needed, e.g. on one GPU
             model = _stage(cfg, layout, 0).model
+        else:
+            with simulated_rank(layout, 0):
+                model = _stage(cfg, layout, 0).model
         units: dict[str, list[int]] = {}
         for name, p in model.named_parameters():
             parts = name.split(".")
