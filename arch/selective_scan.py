@@ -191,11 +191,14 @@ def selective_scan(
     delta_softplus: bool = True,
     backend: str = "auto",
     keep: torch.Tensor | None = None,
+    chunked_strategy: str | None = None,
 ) -> torch.Tensor:
     """The full selective scan, ``mamba_ssm.selective_scan_fn``'s signature; fp32 result.
 
     ``keep`` [b, l] resets the state where it is 0 (document starts); mamba_ssm's kernel has no
     such input, so a reset scan runs the pure-torch path (``cpu``) on any device.
+    ``chunked_strategy``: `scan_chunked`'s ``strategy`` (None: by device) for the ``chunked``
+    back-end.
     """
     backend = resolve_backend(backend, u.device)
     if backend == "cuda" and keep is not None:
@@ -213,7 +216,7 @@ def selective_scan(
     elif backend == "cpu":
         y = SelectiveScanFn.apply(u, delta, A, B, C, keep)
     elif backend == "chunked":
-        y, _ = scan_chunked(u, delta, A, B, C, keep)
+        y, _ = scan_chunked(u, delta, A, B, C, keep, strategy=chunked_strategy)
     else:
         raise ValueError(f"unknown selective-scan back-end {backend!r}")
     if D is not None:

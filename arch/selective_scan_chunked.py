@@ -116,6 +116,103 @@ def _keep(keep: torch.Tensor | None, part: slice) -> torch.Tensor | None:
     return None if keep is None else _time_major(keep, part)[:, :, None, None]
 
 
+# ---- the parallel strategy ------------------------------------------------------------------
+# Chunk length Q of the parallel strategy: log2(Q) doubling passes over a group's tensors against
+# l/Q sequential carry steps of one [b, N, d] state (two small ops each). Q = 64 is the middle of
+# the range where neither term dominates on a GPU (6 passes; 32 carry steps at l = 2048): a GPU
+# expectation, to be measured by benchmarks/gpu_check.py.
+PARALLEL_CHUNK = 64
+# Elements of one full-size [group * Q, b, N, d] tensor of the parallel strategy: 2^27 fp32 =
+# 512 MiB. Its forward holds 3 such tensors at once (decays, states, the doubling's work buffer)
+# and its backward 5 (plus the adjoint and the cumulative decays), so a group's transient memory
+# stays under ~2.5 GiB whatever l is; groups run one after the other.
+GROUP_ELEMENTS = 2**27
+STRATEGIES = ("sequential", "parallel")
+
+
+def default_group_chunks(batch: int, d_inner: int, d_state: int, chunk: int) -> int:
+    """Chunks per group of the parallel strategy: a [group * Q, b, N, d] tensor of at most
+    `GROUP_ELEMENTS` values (at least one chunk)."""
+    return max(1, GROUP_ELEMENTS // max(1, chunk * batch * d_inner * d_state))
+
+
+def _groups(length: int, chunk: int, group: int) -> list[tuple[slice, int]]:
+    """(part, q): spans of whole chunks of q steps covering [0, length): groups of ``group``
+    chunks of ``chunk`` steps, then the remaining whole chunks, then the ragged tail as one
+    chunk of its own length."""
+    spans, start = [], 0
+    step = chunk * group
+    while length - start >= step:
+        spans.append((slice(start, start + step), chunk))
+        start += step
+    whole = (length - start) // chunk * chunk
+    if whole:
+        spans.append((slice(start, start + whole), chunk))
+        start += whole
+    if length > start:
+        spans.append((slice(start, length), length - start))
+    return spans
+
+
+def _doubling_scan_(x: torch.Tensor, m: torch.Tensor, work: torch.Tensor, reverse: bool) -> None:
+    """x_t <- x_t + m_t x_{t-1} (reverse: x_t + m_t x_{t+1}) scanned along dim 1 of [G, Q, ...],
+    in place, in log2(Q) Hillis-Steele passes; m ends as the inclusive cumulative product of m.
+
+    Each pass composes every position with the one k before it (k = 1, 2, 4, ...), reading the
+    old values into ``work`` (>= G (Q-1) ... elements) before writing: the slices overlap. m only
+    multiplies decays <= 1, so nothing overflows (unlike exp of a cumulative log-decay sum).
+    """
+    q = x.shape[1]
+    k = 1
+    while k < q:
+        dst, src = slice(k, None), slice(None, q - k)
+        if reverse:
+            dst, src = src, dst
+        shape = x[:, dst].shape
+        tmp = work.view(-1)[: shape.numel()].view(shape)
+        torch.mul(m[:, dst], x[:, src], out=tmp)
+        x[:, dst] += tmp
+        torch.mul(m[:, dst], m[:, src], out=tmp)
+        m[:, dst] = tmp
+        k *= 2
+
+
+def _decays(
+    dt: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """keep_t exp(dt_t a) [T, b, N, d] from dt [T, b, d], a [N, d], keep [T, b, 1, 1] or None."""
+    decay = torch.mul(dt.unsqueeze(2), a, out=out).exp_()
+    return decay if keep is None else decay.mul_(keep)
+
+
+def _group_states(
+    h_in: torch.Tensor,
+    decay: torch.Tensor,
+    drive: torch.Tensor,
+    q: int,
+    work: torch.Tensor,
+    entering: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """States h [T, b, N, d] of a group of T / q chunks entered with h_in [b, N, d], all chunks at
+    once: ``drive`` (dt u B, overwritten by the states) is scanned inside each chunk, ``decay``
+    (overwritten by its in-chunk cumulative products) carries the chunk-end states across chunks
+    one chunk at a time, then every position adds its cumulative decay x its chunk's entering
+    state. Returns the chunk-entering states [T / q, b, N, d]: from the carry loop, or, when
+    ``entering`` is given (the backward's recomputation), that tensor, without the loop."""
+    chunks = drive.shape[0] // q
+    h = drive.view(chunks, q, *drive.shape[1:])
+    cumulative = decay.view_as(h)
+    _doubling_scan_(h, cumulative, work, reverse=False)
+    if entering is None:
+        entering = h.new_empty(chunks, *h_in.shape)
+        state = h_in
+        for c in range(chunks):  # l / Q small steps: h_end = P_end h_enter + local_end
+            entering[c] = state
+            state = torch.addcmul(h[c, -1], cumulative[c, -1], state)
+    h.addcmul_(cumulative, entering.unsqueeze(1))
+    return entering
+
+
 class ChunkedScanFn(torch.autograd.Function):
     """The recurrence from ``h0`` in chunks of ``chunk`` steps; (y [b, d, l], h_l [b, N, d]).
 
@@ -199,6 +296,98 @@ class ChunkedScanFn(torch.autograd.Function):
         return grad_u, grad_dt, grad_a, grad_b, grad_c, None, carry, None
 
 
+class ParallelChunkedScanFn(torch.autograd.Function):
+    """`ChunkedScanFn`'s recurrence, parallel inside each chunk: (y [b, d, l], h_l [b, N, d]).
+
+    The same inputs, plus ``group``: chunks processed at once. Per group of chunks the decays,
+    drives, in-chunk doubling scans, read-out and gradients are each one batched op over the
+    whole group, so the number of kernels per group does not depend on Q; only the carry between
+    chunks (two small ops per chunk) and between groups is sequential. Saves the inputs and the
+    l/Q chunk-entering states; the backward recomputes a group's states from them all at once
+    (no carry loop) and runs the adjoint recurrence with the same doubling scan reversed.
+    """
+
+    @staticmethod
+    def forward(ctx, u, dt, a, b, c, keep, h0, chunk, group):  # noqa: ANN001 (autograd.Function)
+        y = u.new_empty(u.shape)
+        entering = []
+        h = h0
+        for part, q in _groups(u.shape[-1], chunk, group):
+            dt_g = _time_major(dt, part)
+            decay = _decays(dt_g, a, _keep(keep, part))
+            drive = (dt_g * _time_major(u, part)).unsqueeze(2) * _time_major(b, part).unsqueeze(-1)
+            work = torch.empty_like(decay)
+            entering.append(_group_states(h, decay, drive, q, work))
+            hs = drive  # now the states
+            y[..., part] = (_time_major(c, part).unsqueeze(-2) @ hs).squeeze(-2).permute(1, 2, 0)
+            h = hs[-1].clone()
+        ctx.save_for_backward(u, dt, a, b, c, keep, torch.cat(entering))
+        ctx.chunk, ctx.group = chunk, group
+        return y, h
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_last):  # noqa: ANN001
+        u, dt, a, b, c, keep, entering = ctx.saved_tensors  # read once (see ChunkedScanFn)
+        grad_u, grad_dt = torch.empty_like(u), torch.empty_like(dt)
+        grad_b, grad_c = torch.empty_like(b), torch.empty_like(c)
+        grad_a = torch.zeros_like(a)
+        gy = torch.zeros_like(u) if grad_y is None else grad_y
+        carry = torch.zeros_like(entering[0]) if grad_h_last is None else grad_h_last
+        spans = _groups(u.shape[-1], ctx.chunk, ctx.group)
+        ends = [0]
+        for part, q in spans:
+            ends.append(ends[-1] + (part.stop - part.start) // q)
+        for index in reversed(range(len(spans))):
+            part, q = spans[index]
+            enter = entering[ends[index] : ends[index + 1]]
+            carry, grad_a_group = ParallelChunkedScanFn._backward_group(
+                part, q, enter, carry, (u, dt, a, b, c, keep, gy), (grad_u, grad_dt, grad_b, grad_c)
+            )
+            grad_a += grad_a_group
+        return grad_u, grad_dt, grad_a, grad_b, grad_c, None, carry, None, None
+
+    @staticmethod
+    def _backward_group(part, q, enter, carry, inputs, grads):  # noqa: ANN001, ANN205
+        """Writes the group's slices of ``grads``; returns (dL/dh at the group's entry, its
+        contribution to dL/da)."""
+        u, dt, a, b, c, keep, gy = inputs
+        grad_u, grad_dt, grad_b, grad_c = grads
+        dt_g, u_g, b_g, gy_g = (_time_major(x, part) for x in (dt, u, b, gy))
+        dtu_g = dt_g * u_g
+        decay = _decays(dt_g, a, _keep(keep, part))
+        multiplier = decay.clone()  # first the forward's cumulative decays, then the adjoint's
+        work = torch.empty_like(decay)
+        h = dtu_g.unsqueeze(2) * b_g.unsqueeze(-1)
+        _group_states(enter[0], multiplier, h, q, work, entering=enter)
+        grad_c[..., part] = _rowdot(gy_g, h).permute(1, 2, 0)
+        # Adjoint: g_t = C_t gy_t + m_t g_{t+1}, m_t = decay_{t+1} inside a chunk; the chunk's last
+        # position takes the carry from the next chunk instead (m = 1: R_t = prod_{s>t} decay_s).
+        chunks = decay.shape[0] // q
+        decay_c = decay.view(chunks, q, *decay.shape[1:])
+        m = multiplier.view_as(decay_c)
+        m[:, :-1] = decay_c[:, 1:]
+        m[:, -1] = 1.0
+        g = torch.mul(gy_g.unsqueeze(2), _time_major(c, part).unsqueeze(-1))
+        g_c = g.view_as(m)
+        _doubling_scan_(g_c, m, work, reverse=True)
+        chunk_carry = torch.empty_like(enter)
+        for index in range(chunks - 1, -1, -1):  # dL/dh at each chunk's end, back to front
+            chunk_carry[index] = carry
+            carry = decay_c[index, 0] * torch.addcmul(g_c[index, 0], m[index, 0], carry)
+        g_c.addcmul_(m, chunk_carry.unsqueeze(1))
+        # dL/d(dt_t a) = g_t h_{t-1} decay_t, in place of the decays; h_{t-1} is h_in first.
+        g_exponent = decay.mul_(g)
+        g_exponent[0] *= enter[0]
+        g_exponent[1:] *= h[:-1]
+        grad_dt_g = torch.mul(g_exponent, a, out=work).sum(2)
+        grad_a = torch.mul(g_exponent, dt_g.unsqueeze(2), out=work).sum((0, 1))
+        g_b = (b_g.unsqueeze(-2) @ g).squeeze(-2)  # sum_n B_t[n] g_t[n, d]: [T, b, d]
+        grad_dt[..., part] = grad_dt_g.addcmul_(u_g, g_b).permute(1, 2, 0)
+        grad_u[..., part] = (dt_g * g_b).permute(1, 2, 0)
+        grad_b[..., part] = _rowdot(dtu_g, g).permute(1, 2, 0)
+        return carry, grad_a
+
+
 def _common_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The widest dtype of ``tensors``, at least fp32 (a float64 model stays float64)."""
     dtype = torch.float32
@@ -216,6 +405,8 @@ def scan_chunked(
     keep: torch.Tensor | None = None,
     state: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    strategy: str | None = None,
+    group_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y [b, d, l] = <h_t, C_t> (no D skip, no gate) and the last state h_l [b, d, N].
 
@@ -223,15 +414,33 @@ def scan_chunked(
     (0 where a document starts, else 1) or None; ``state`` h_0 [b, d, N] or None (zeros). Computes
     in fp32 (float64 stays float64) outside autocast; y and h_l come back in that dtype, and
     gradients reach u, delta, A, B, C and ``state`` in their own dtypes.
+
+    ``strategy`` inside a chunk: ``sequential`` (a per-step loop over cache-sized chunks,
+    `ChunkedScanFn`) or ``parallel`` (doubling scans over groups of chunks, `ParallelChunkedScanFn`);
+    None: ``parallel`` on CUDA, where the sequential loop is bound by kernel launches, else
+    ``sequential``. ``chunk_size`` Q defaults per strategy (`default_chunk_size`,
+    `PARALLEL_CHUNK`); ``group_chunks`` (parallel only) defaults to `default_group_chunks`.
     """
     bsz, d, length = u.shape
     n = A.shape[-1]
-    chunk = chunk_size or default_chunk_size(bsz, d, n)
+    strategy = strategy or ("parallel" if u.device.type == "cuda" else "sequential")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {'|'.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "parallel":
+        chunk = chunk_size or PARALLEL_CHUNK
+        group = group_chunks or default_group_chunks(bsz, d, n, chunk)
+    else:
+        chunk = chunk_size or default_chunk_size(bsz, d, n)
     with torch.autocast(device_type=u.device.type, enabled=False):
         dtype = _common_dtype(u, delta, A, B, C)
         u, delta, B, C = (x.to(dtype).contiguous() for x in (u, delta, B, C))
         keep = None if keep is None else keep.to(dtype).contiguous()
         a_t = A.to(dtype).t().contiguous()  # [N, d]
         h0 = u.new_zeros(bsz, n, d) if state is None else state.to(dtype).transpose(1, 2)
-        y, last = ChunkedScanFn.apply(u, delta, a_t, B, C, keep, h0.contiguous(), chunk)
+        if strategy == "parallel":
+            y, last = ParallelChunkedScanFn.apply(
+                u, delta, a_t, B, C, keep, h0.contiguous(), chunk, group
+            )
+        else:
+            y, last = ChunkedScanFn.apply(u, delta, a_t, B, C, keep, h0.contiguous(), chunk)
     return y, last.transpose(1, 2)
