@@ -25,7 +25,25 @@ reads [l, b, d, N] tensors (decays, states, adjoints) far larger than the caches
 of a chunk is [Q, b, N, d] with Q chosen so that it stays cache-sized, and each per-chunk
 operation (decays, drives, read-out, every gradient) is one batched op or matmul over the chunk.
 
-A reset (k_t = 0) multiplies the decay by 0, exactly as `scan_loop`; k must be 0 or 1.
+Two strategies inside a chunk (`scan_chunked`'s ``strategy``):
+- ``sequential`` (`ChunkedScanFn`, the CPU default): the above, a per-step ``addcmul_`` loop over
+  cache-sized chunks. On a GPU every step is a kernel launch: ~3 per-step loops (forward,
+  recomputation, adjoint) plus ~35 launches per chunk of Q = 4 (H200, bf16 autocast, a Mamba
+  layer's fwd+bwd at 8 x 2048 tokens: 381 ms with it, 69.9 ms with the `cpu` scan).
+- ``parallel`` (`ParallelChunkedScanFn`, the CUDA default): groups of chunks at once, viewed as
+  [G, Q, b, N, d]: decays and drives for the whole group, the in-chunk recurrence as a log2(Q)
+  Hillis-Steele doubling scan (products of decays <= 1: stable), then the chunk-end states carried
+  across chunks one chunk at a time (two small ops per chunk), then each position's cumulative
+  decay times its chunk's entering state added. The adjoint runs the same scan reversed. Kernel
+  launches: ~4 log2(Q) per group and a few per chunk, none per step; the price is log2(Q) passes
+  over group-sized tensors, so on CPU it is slower than ``sequential``. Measured on an H200 (the
+  scan alone, fp32 fwd+bwd, b 8, d 1024, N 16, l = 2048): 38 ms at Q = 16, against 71 ms for the
+  `cpu` scan and 404 ms for ``sequential`` (benchmarks/RESULTS.md).
+  Groups are cut so that one [group * Q, b, N, d] tensor stays under `GROUP_ELEMENTS` and run
+  one after the other, which bounds the transient memory whatever the length.
+
+Both save only the inputs and the l/Q chunk-entering states and recompute the states in the
+backward. A reset (k_t = 0) multiplies the decay by 0, exactly as `scan_loop`; k must be 0 or 1.
 """
 
 from __future__ import annotations
@@ -117,15 +135,16 @@ def _keep(keep: torch.Tensor | None, part: slice) -> torch.Tensor | None:
 
 
 # ---- the parallel strategy ------------------------------------------------------------------
-# Chunk length Q of the parallel strategy: log2(Q) doubling passes over a group's tensors against
-# l/Q sequential carry steps of one [b, N, d] state (two small ops each). Q = 64 is the middle of
-# the range where neither term dominates on a GPU (6 passes; 32 carry steps at l = 2048): a GPU
-# expectation, to be measured by benchmarks/gpu_check.py.
-PARALLEL_CHUNK = 64
+# Chunk length Q of the parallel strategy: log2(Q) doubling passes over a group's tensors (memory
+# bound) against l/Q sequential carry steps of one [b, N, d] state (launch bound). Measured on an
+# H200 (scan fwd+bwd, fp32, b 8, d 1024, N 16, l = 2048; benchmarks/RESULTS.md): Q = 4 / 8 / 16 /
+# 32 / 64 took 37 / 35 / 38 / 43 / 47 ms. 16 is within 8% of the fastest there and keeps half of
+# Q = 8's carry launches, which dominate for small states.
+PARALLEL_CHUNK = 16
 # Elements of one full-size [group * Q, b, N, d] tensor of the parallel strategy: 2^27 fp32 =
-# 512 MiB. Its forward holds 3 such tensors at once (decays, states, the doubling's work buffer)
-# and its backward 5 (plus the adjoint and the cumulative decays), so a group's transient memory
-# stays under ~2.5 GiB whatever l is; groups run one after the other.
+# 512 MiB. Its forward holds 4 such tensors at once (decays and states, each with the doubling's
+# second buffer) and its backward 6 (plus the adjoint and its multipliers), so a group's transient
+# memory stays under ~3 GiB whatever l is; groups run one after the other.
 GROUP_ELEMENTS = 2**27
 STRATEGIES = ("sequential", "parallel")
 
@@ -154,34 +173,36 @@ def _groups(length: int, chunk: int, group: int) -> list[tuple[slice, int]]:
     return spans
 
 
-def _doubling_scan_(x: torch.Tensor, m: torch.Tensor, work: torch.Tensor, reverse: bool) -> None:
-    """x_t <- x_t + m_t x_{t-1} (reverse: x_t + m_t x_{t+1}) scanned along dim 1 of [G, Q, ...],
-    in place, in log2(Q) Hillis-Steele passes; m ends as the inclusive cumulative product of m.
+def _doubling_scan(
+    x: torch.Tensor, m: torch.Tensor, reverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, m) scanned along dim 1 of [G, Q, ...]: x_t + m_t x_{t-1} (reverse: x_t + m_t x_{t+1}),
+    and m's inclusive cumulative product, in log2(Q) Hillis-Steele passes.
 
-    Each pass composes every position with the one k before it (k = 1, 2, 4, ...), reading the
-    old values into ``work`` (>= G (Q-1) ... elements) before writing: the slices overlap. m only
-    multiplies decays <= 1, so nothing overflows (unlike exp of a cumulative log-decay sum).
+    Each pass composes every position with the one k before it (k = 1, 2, 4, ...). The slices
+    overlap, so each pass writes into a second pair of buffers (ping-pong) and the result lies in
+    either pair; both inputs are overwritten. m only multiplies decays <= 1, so nothing overflows
+    (unlike exp of a cumulative log-decay sum).
     """
     q = x.shape[1]
+    x_next, m_next = torch.empty_like(x), torch.empty_like(m)
     k = 1
     while k < q:
-        dst, src = slice(k, None), slice(None, q - k)
+        dst, src, same = slice(k, None), slice(None, q - k), slice(None, k)
         if reverse:
-            dst, src = src, dst
-        shape = x[:, dst].shape
-        tmp = work.view(-1)[: shape.numel()].view(shape)
-        torch.mul(m[:, dst], x[:, src], out=tmp)
-        x[:, dst] += tmp
-        torch.mul(m[:, dst], m[:, src], out=tmp)
-        m[:, dst] = tmp
+            dst, src, same = src, dst, slice(q - k, None)
+        torch.addcmul(x[:, dst], m[:, dst], x[:, src], out=x_next[:, dst])
+        torch.mul(m[:, dst], m[:, src], out=m_next[:, dst])
+        x_next[:, same] = x[:, same]  # the first k positions are already complete
+        m_next[:, same] = m[:, same]
+        x, x_next, m, m_next = x_next, x, m_next, m
         k *= 2
+    return x, m
 
 
-def _decays(
-    dt: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | None, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _decays(dt: torch.Tensor, a: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """keep_t exp(dt_t a) [T, b, N, d] from dt [T, b, d], a [N, d], keep [T, b, 1, 1] or None."""
-    decay = torch.mul(dt.unsqueeze(2), a, out=out).exp_()
+    decay = torch.mul(dt.unsqueeze(2), a).exp_()
     return decay if keep is None else decay.mul_(keep)
 
 
@@ -190,27 +211,28 @@ def _group_states(
     decay: torch.Tensor,
     drive: torch.Tensor,
     q: int,
-    work: torch.Tensor,
     entering: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """States h [T, b, N, d] of a group of T / q chunks entered with h_in [b, N, d], all chunks at
-    once: ``drive`` (dt u B, overwritten by the states) is scanned inside each chunk, ``decay``
-    (overwritten by its in-chunk cumulative products) carries the chunk-end states across chunks
-    one chunk at a time, then every position adds its cumulative decay x its chunk's entering
-    state. Returns the chunk-entering states [T / q, b, N, d]: from the carry loop, or, when
-    ``entering`` is given (the backward's recomputation), that tensor, without the loop."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(states h [T, b, N, d], chunk-entering states [T / q, b, N, d]) of a group of T / q chunks
+    entered with h_in [b, N, d], all chunks at once.
+
+    ``drive`` (dt u B) is scanned inside each chunk with ``decay`` (both overwritten); the
+    chunk-end states are carried across chunks one chunk at a time (h_end = P_end h_enter +
+    local_end, two small ops per chunk), then every position adds its in-chunk cumulative decay
+    times its chunk's entering state. With ``entering`` given (the backward's recomputation)
+    the carry loop is skipped.
+    """
     chunks = drive.shape[0] // q
-    h = drive.view(chunks, q, *drive.shape[1:])
-    cumulative = decay.view_as(h)
-    _doubling_scan_(h, cumulative, work, reverse=False)
+    shape = (chunks, q, *drive.shape[1:])
+    h, cumulative = _doubling_scan(drive.view(shape), decay.view(shape), reverse=False)
     if entering is None:
         entering = h.new_empty(chunks, *h_in.shape)
         state = h_in
-        for c in range(chunks):  # l / Q small steps: h_end = P_end h_enter + local_end
+        for c in range(chunks):
             entering[c] = state
             state = torch.addcmul(h[c, -1], cumulative[c, -1], state)
     h.addcmul_(cumulative, entering.unsqueeze(1))
-    return entering
+    return h.view(drive.shape), entering
 
 
 class ChunkedScanFn(torch.autograd.Function):
@@ -316,9 +338,9 @@ class ParallelChunkedScanFn(torch.autograd.Function):
             dt_g = _time_major(dt, part)
             decay = _decays(dt_g, a, _keep(keep, part))
             drive = (dt_g * _time_major(u, part)).unsqueeze(2) * _time_major(b, part).unsqueeze(-1)
-            work = torch.empty_like(decay)
-            entering.append(_group_states(h, decay, drive, q, work))
-            hs = drive  # now the states
+            hs, enter = _group_states(h, decay, drive, q)
+            entering.append(enter)
+            del decay, drive  # the doubling's buffers: free before the read-out
             y[..., part] = (_time_major(c, part).unsqueeze(-2) @ hs).squeeze(-2).permute(1, 2, 0)
             h = hs[-1].clone()
         ctx.save_for_backward(u, dt, a, b, c, keep, torch.cat(entering))
@@ -355,32 +377,32 @@ class ParallelChunkedScanFn(torch.autograd.Function):
         dt_g, u_g, b_g, gy_g = (_time_major(x, part) for x in (dt, u, b, gy))
         dtu_g = dt_g * u_g
         decay = _decays(dt_g, a, _keep(keep, part))
-        multiplier = decay.clone()  # first the forward's cumulative decays, then the adjoint's
-        work = torch.empty_like(decay)
-        h = dtu_g.unsqueeze(2) * b_g.unsqueeze(-1)
-        _group_states(enter[0], multiplier, h, q, work, entering=enter)
+        drive = dtu_g.unsqueeze(2) * b_g.unsqueeze(-1)
+        h, _ = _group_states(enter[0], decay.clone(), drive, q, entering=enter)
+        del drive
         grad_c[..., part] = _rowdot(gy_g, h).permute(1, 2, 0)
         # Adjoint: g_t = C_t gy_t + m_t g_{t+1}, m_t = decay_{t+1} inside a chunk; the chunk's last
         # position takes the carry from the next chunk instead (m = 1: R_t = prod_{s>t} decay_s).
         chunks = decay.shape[0] // q
         decay_c = decay.view(chunks, q, *decay.shape[1:])
-        m = multiplier.view_as(decay_c)
+        m = torch.empty_like(decay_c)
         m[:, :-1] = decay_c[:, 1:]
         m[:, -1] = 1.0
         g = torch.mul(gy_g.unsqueeze(2), _time_major(c, part).unsqueeze(-1))
-        g_c = g.view_as(m)
-        _doubling_scan_(g_c, m, work, reverse=True)
+        g_c, m = _doubling_scan(g.view_as(m), m, reverse=True)
+        g = g_c.view(g.shape)
         chunk_carry = torch.empty_like(enter)
         for index in range(chunks - 1, -1, -1):  # dL/dh at each chunk's end, back to front
             chunk_carry[index] = carry
             carry = decay_c[index, 0] * torch.addcmul(g_c[index, 0], m[index, 0], carry)
         g_c.addcmul_(m, chunk_carry.unsqueeze(1))
+        del m
         # dL/d(dt_t a) = g_t h_{t-1} decay_t, in place of the decays; h_{t-1} is h_in first.
         g_exponent = decay.mul_(g)
         g_exponent[0] *= enter[0]
         g_exponent[1:] *= h[:-1]
-        grad_dt_g = torch.mul(g_exponent, a, out=work).sum(2)
-        grad_a = torch.mul(g_exponent, dt_g.unsqueeze(2), out=work).sum((0, 1))
+        grad_dt_g = (g_exponent * a).sum(2)
+        grad_a = (g_exponent * dt_g.unsqueeze(2)).sum((0, 1))
         g_b = (b_g.unsqueeze(-2) @ g).squeeze(-2)  # sum_n B_t[n] g_t[n, d]: [T, b, d]
         grad_dt[..., part] = grad_dt_g.addcmul_(u_g, g_b).permute(1, 2, 0)
         grad_u[..., part] = (dt_g * g_b).permute(1, 2, 0)
