@@ -35,10 +35,10 @@ Two strategies inside a chunk (`scan_chunked`'s ``strategy``):
   Hillis-Steele doubling scan (products of decays <= 1: stable), then the chunk-end states carried
   across chunks one chunk at a time (two small ops per chunk), then each position's cumulative
   decay times its chunk's entering state added. The adjoint runs the same scan reversed. Kernel
-  launches: ~4 log2(Q) per group and a few per chunk, none per step; the price is log2(Q) passes
-  over group-sized tensors, so on CPU it is slower than ``sequential``. Measured on an H200 (the
-  scan alone, fp32 fwd+bwd, b 8, d 1024, N 16, l = 2048): 38 ms at Q = 16, against 71 ms for the
-  `cpu` scan and 404 ms for ``sequential`` (benchmarks/RESULTS.md).
+  launches: ~4 log2(Q) per group and scan, a few per chunk, none per step; the price is log2(Q)
+  passes over group-sized tensors, so on CPU it is 2.6-6.7x slower than ``sequential``. Measured
+  on an H200 (the scan alone, fp32 fwd+bwd, b 8, d 1024, N 16, l = 2048): 38 ms at Q = 16,
+  against 71 ms for the `cpu` scan and 404 ms for ``sequential`` (benchmarks/RESULTS.md).
   Groups are cut so that one [group * Q, b, N, d] tensor stays under `GROUP_ELEMENTS` and run
   one after the other, which bounds the transient memory whatever the length.
 
@@ -185,6 +185,8 @@ def _doubling_scan(
     (unlike exp of a cumulative log-decay sum).
     """
     q = x.shape[1]
+    if q == 1:
+        return x, m
     x_next, m_next = torch.empty_like(x), torch.empty_like(m)
     k = 1
     while k < q:
@@ -193,7 +195,7 @@ def _doubling_scan(
             dst, src, same = src, dst, slice(q - k, None)
         torch.addcmul(x[:, dst], m[:, dst], x[:, src], out=x_next[:, dst])
         torch.mul(m[:, dst], m[:, src], out=m_next[:, dst])
-        x_next[:, same] = x[:, same]  # the first k positions are already complete
+        x_next[:, same] = x[:, same]  # no partner k steps away: already complete
         m_next[:, same] = m[:, same]
         x, x_next, m, m_next = x_next, x, m_next, m
         k *= 2
@@ -322,11 +324,12 @@ class ParallelChunkedScanFn(torch.autograd.Function):
     """`ChunkedScanFn`'s recurrence, parallel inside each chunk: (y [b, d, l], h_l [b, N, d]).
 
     The same inputs, plus ``group``: chunks processed at once. Per group of chunks the decays,
-    drives, in-chunk doubling scans, read-out and gradients are each one batched op over the
-    whole group, so the number of kernels per group does not depend on Q; only the carry between
-    chunks (two small ops per chunk) and between groups is sequential. Saves the inputs and the
-    l/Q chunk-entering states; the backward recomputes a group's states from them all at once
-    (no carry loop) and runs the adjoint recurrence with the same doubling scan reversed.
+    drives, read-out and gradients are each one batched op over the whole group and each doubling
+    pass is four, so a group issues O(log2 Q) kernels plus a few per chunk for the carry between
+    chunks, never one per step; only that carry and the order of the groups are sequential.
+    Saves the inputs and the l/Q chunk-entering states; the backward recomputes a group's states
+    from them all at once (no carry loop) and runs the adjoint recurrence with the same doubling
+    scan reversed.
     """
 
     @staticmethod
@@ -438,8 +441,8 @@ def scan_chunked(
     gradients reach u, delta, A, B, C and ``state`` in their own dtypes.
 
     ``strategy`` inside a chunk: ``sequential`` (a per-step loop over cache-sized chunks,
-    `ChunkedScanFn`) or ``parallel`` (doubling scans over groups of chunks, `ParallelChunkedScanFn`);
-    None: ``parallel`` on CUDA, where the sequential loop is bound by kernel launches, else
+    `ChunkedScanFn`) or ``parallel`` (doubling scans over groups of chunks,
+    `ParallelChunkedScanFn`); None: ``parallel`` on CUDA, where the sequential loop is bound by kernel launches, else
     ``sequential``. ``chunk_size`` Q defaults per strategy (`default_chunk_size`,
     `PARALLEL_CHUNK`); ``group_chunks`` (parallel only) defaults to `default_group_chunks`.
     """
