@@ -36,7 +36,7 @@ Two strategies inside a chunk (`scan_chunked`'s ``strategy``):
   across chunks one chunk at a time (two small ops per chunk), then each position's cumulative
   decay times its chunk's entering state added. The adjoint runs the same scan reversed. Kernel
   launches: ~4 log2(Q) per group and scan, a few per chunk, none per step; the price is log2(Q)
-  passes over group-sized tensors, so on CPU it is 2.6-6.7x slower than ``sequential``. Measured
+  passes over group-sized tensors, so on CPU it is 2.3-9x slower than ``sequential``. Measured
   on an H200 (the scan alone, fp32 fwd+bwd, b 8, d 1024, N 16, l = 2048): 38 ms at Q = 16,
   against 71 ms for the `cpu` scan and 404 ms for ``sequential`` (benchmarks/RESULTS.md).
   Groups are cut so that one [group * Q, b, N, d] tensor stays under `GROUP_ELEMENTS` and run

@@ -1,4 +1,4 @@
-"""Mamba-1 selective scan on CPU: fwd+bwd time and peak memory of the scan back-ends.
+"""Mamba-1 selective scan on CPU (or one GPU): fwd+bwd time and peak memory of the scan back-ends.
 
     .venv/bin/python benchmarks/bench_mamba_scan.py [--seq-len 256 1024 4096]
         [--backends cpu chunked chunked:parallel] [--repeats 3] [--memory-seq-len 4096]
@@ -125,6 +125,8 @@ def peak_memory(backend: str, args: argparse.Namespace) -> float:
     command = [sys.executable, __file__, "--memory-case", backend]
     command += ["--batch", str(args.batch), "--d-inner", str(args.d_inner)]
     command += ["--d-state", str(args.d_state), "--memory-seq-len", str(args.memory_seq_len)]
+    if args.parallel_chunk:
+        command += ["--parallel-chunk", str(args.parallel_chunk)]
     out = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_rise_mib"]
 
