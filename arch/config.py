@@ -54,6 +54,9 @@ class MambaConfig:
     dt_norms: bool = True  # Jamba's RMSNorms on dt/B/C after x_proj; false = vanilla Mamba-1
     conv_bias: bool = True
     scan: str = "auto"  # auto | cpu | chunked | loop | cuda (see arch.selective_scan)
+    # The `chunked` scan's in-chunk strategy: auto (parallel on CUDA, sequential on CPU) |
+    # sequential | parallel (see arch.selective_scan_chunked).
+    chunked_strategy: str = "auto"
 
     def rank(self, d_model: int) -> int:
         """The dt projection's rank (Mamba's "auto" rule when dt_rank is None)."""
@@ -221,6 +224,7 @@ def validate_model_config(cfg: ModelConfig) -> None:
 
 
 MAMBA_SCANS = ("auto", "cpu", "chunked", "loop", "cuda")
+CHUNKED_STRATEGIES = ("auto", "sequential", "parallel")
 
 
 def _validate_mamba(m: MambaConfig) -> None:
@@ -234,6 +238,11 @@ def _validate_mamba(m: MambaConfig) -> None:
     if m.scan not in MAMBA_SCANS:
         raise ConfigError(
             "model.mamba.scan", f"must be one of {'|'.join(MAMBA_SCANS)}, got {m.scan!r}"
+        )
+    if m.chunked_strategy not in CHUNKED_STRATEGIES:
+        raise ConfigError(
+            "model.mamba.chunked_strategy",
+            f"must be one of {'|'.join(CHUNKED_STRATEGIES)}, got {m.chunked_strategy!r}",
         )
 
 

@@ -71,6 +71,8 @@ class Mamba(nn.Module):
         self.d_state = m.d_state
         self.dt_rank = m.rank(cfg.d_model)
         self.scan = m.scan
+        # None: `scan_chunked` picks by device (parallel on CUDA, sequential on CPU).
+        self.chunked_strategy = None if m.chunked_strategy == "auto" else m.chunked_strategy
         if m.scan == "cuda":
             resolve_backend("cuda", torch.device("cuda"))  # fail at build time, not mid-run
         d, n, r = self.d_inner, self.d_state, self.dt_rank
@@ -184,6 +186,7 @@ class Mamba(nn.Module):
             delta_softplus=True,
             backend=backend,
             keep=None if doc_ids is None else document_starts(doc_ids).logical_not().float(),
+            chunked_strategy=self.chunked_strategy,
         )
 
     def step(
@@ -214,14 +217,17 @@ class Mamba(nn.Module):
             u = fp32_or_wider(x)
             # A prompt with the chunked scan keeps no [b, d, t, N] decays; one token: the step.
             chunked = t > 1 and resolve_backend(self.scan, h.device) == "chunked"
-            y, ssm = (scan_chunked if chunked else scan_from_state)(
+            args = (
                 u,
                 delta,
                 -torch.exp(fp32_or_wider(self.A_log)),
                 fp32_or_wider(B.transpose(1, 2)),
                 fp32_or_wider(C.transpose(1, 2)),
-                state=ssm,
             )
+            if chunked:
+                y, ssm = scan_chunked(*args, state=ssm, strategy=self.chunked_strategy)
+            else:
+                y, ssm = scan_from_state(*args, state=ssm)
             y = (y + u * fp32_or_wider(self.D)[:, None]) * F.silu(fp32_or_wider(z))
         out = self.out_proj(y.transpose(1, 2).to(h.dtype))
         return out, MambaState(conv=window[..., window.shape[-1] - (k - 1) :], ssm=ssm)

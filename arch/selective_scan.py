@@ -12,13 +12,13 @@ Back-ends:
   its backward is slow and its graph grows with l.
 - ``cpu``: `SelectiveScanFn`, the same loop run outside autograd with an explicit reverse-scan
   backward; exact against ``loop`` (fp32) and ~10x faster fwd+bwd on CPU. Stores every state.
-- ``chunked``: `arch.selective_scan_chunked`, the loop in cache-sized chunks that keeps only the
-  chunk-boundary states and recomputes each chunk in its backward; exact against ``loop``,
-  2.7-5x faster than ``cpu`` fwd+bwd on CPU with ~7.6x less peak memory at l = 4096
-  (benchmarks/RESULTS.md).
+- ``chunked``: `arch.selective_scan_chunked`, chunks that keep only the chunk-boundary states and
+  are recomputed in the backward; exact against ``loop``. On CPU a per-step loop in cache-sized
+  chunks, 2.7-5x faster than ``cpu`` fwd+bwd with ~7.6x less peak memory at l = 4096; on CUDA
+  parallel inside each chunk (doubling scans, no per-step launches; benchmarks/RESULTS.md).
 - ``cuda``: `mamba_ssm`'s fused kernel, when it can be imported (a CUDA build).
-- ``auto``: ``cuda`` on CUDA tensors when `mamba_ssm` imports, ``chunked`` on CPU, else ``cpu``
-  (see `resolve_backend`).
+- ``auto``: ``cuda`` on CUDA tensors when `mamba_ssm` imports, ``chunked`` on CPU, else
+  `AUTO_CUDA_WITHOUT_KERNEL` (see `resolve_backend`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ from arch.numerics import fp32_or_wider
 from arch.selective_scan_chunked import scan_chunked
 
 Kernel = Callable[..., torch.Tensor]
+
+# What ``auto`` means on CUDA when mamba_ssm does not import. ``cpu`` until a training run on a GPU
+# (benchmarks/gpu_check.py) compares it with ``chunked``'s parallel strategy; the scan alone
+# (H200, fp32 fwd+bwd, b 8, d_inner 1024, N 16, l = 2048) took 38 ms with the latter against
+# 71 ms with ``cpu`` (benchmarks/RESULTS.md). Set to "chunked" to switch.
+AUTO_CUDA_WITHOUT_KERNEL = "cpu"
 
 
 @functools.cache
@@ -54,14 +60,11 @@ def resolve_backend(name: str, device: torch.device) -> str:
 
     ``auto``: the fused kernel on CUDA when `mamba_ssm` imports; ``chunked`` on CPU, where it was
     faster than ``cpu`` at every measured length (2.7-5x at l = 256..4096) with ~7.6x less memory;
-    ``cpu`` on CUDA without the kernel. There (not measured: no GPU here) both loop per step in
-    Python and are bound by kernel launches, and ``chunked`` launches more (a third per-step loop,
-    the forward's recomputation, plus ~35 launches per chunk), so it is the explicit choice
-    where the `cpu` scan's [l, b, d, N] states do not fit.
+    `AUTO_CUDA_WITHOUT_KERNEL` on CUDA without the kernel.
     """
     if name == "auto":
         if device.type == "cuda":
-            return "cuda" if cuda_kernels() is not None else "cpu"
+            return "cuda" if cuda_kernels() is not None else AUTO_CUDA_WITHOUT_KERNEL
         return "chunked"
     if name == "cuda" and cuda_kernels() is None:
         raise RuntimeError(
@@ -191,11 +194,14 @@ def selective_scan(
     delta_softplus: bool = True,
     backend: str = "auto",
     keep: torch.Tensor | None = None,
+    chunked_strategy: str | None = None,
 ) -> torch.Tensor:
     """The full selective scan, ``mamba_ssm.selective_scan_fn``'s signature; fp32 result.
 
     ``keep`` [b, l] resets the state where it is 0 (document starts); mamba_ssm's kernel has no
     such input, so a reset scan runs the pure-torch path (``cpu``) on any device.
+    ``chunked_strategy``: `scan_chunked`'s ``strategy`` (None: by device) for the ``chunked``
+    back-end.
     """
     backend = resolve_backend(backend, u.device)
     if backend == "cuda" and keep is not None:
@@ -213,7 +219,7 @@ def selective_scan(
     elif backend == "cpu":
         y = SelectiveScanFn.apply(u, delta, A, B, C, keep)
     elif backend == "chunked":
-        y, _ = scan_chunked(u, delta, A, B, C, keep)
+        y, _ = scan_chunked(u, delta, A, B, C, keep, strategy=chunked_strategy)
     else:
         raise ValueError(f"unknown selective-scan back-end {backend!r}")
     if D is not None:

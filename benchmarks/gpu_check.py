@@ -13,9 +13,10 @@ the JSON's path with ``.md``), rewritten after every section so a run cut short 
    relative 1e-4 (max |cuda - cpu| / max |cpu|). Rows: ``*`` attention with SDPA as is and with
    SDPA restricted to flash (flash has no fp32 kernel, so that row runs bf16 autocast and is held
    to 3e-2 in the L2 norm instead), ``M`` (Mamba-1) with the ``cpu`` scan, the ``chunked`` scan
-   when `arch.config.MAMBA_SCANS` has it, and the ``cuda`` scan (mamba_ssm) when it imports, each
-   against the ``cpu``-scan module on CPU; ``S`` (Mamba-2), ``E`` (MoE), ``-`` (MLP). TF32 is
-   off for these comparisons;
+   when `arch.config.MAMBA_SCANS` has it (on CUDA its ``parallel`` in-chunk strategy, plus a row
+   ``strategy=sequential`` for the per-step loop), and the ``cuda`` scan (mamba_ssm) when it
+   imports, each against the ``cpu``-scan module on CPU; ``S`` (Mamba-2), ``E`` (MoE), ``-``
+   (MLP). TF32 is off for these comparisons;
 3. fwd + bwd time of the same modules in bf16 autocast at the recipe's micro-batch x seq_len;
 4. training: `trainer.train_module.SingleProcessTrainModule` (the step `hybridtron train` runs in one process)
    for ``configs/jamba_125m.yaml`` (once per available Mamba scan: cuda, chunked, cpu) and a
@@ -362,6 +363,8 @@ def environment(p: types.SimpleNamespace) -> dict[str, Any]:
     return {
         "mamba_scans": scans,
         "chunked_scan": "chunked" in scans,
+        # model.mamba.chunked_strategy (sequential | parallel) exists in this checkout
+        "chunked_strategies": hasattr(p.config, "CHUNKED_STRATEGIES"),
         "mamba_ssm_kernels": kernels is not None,
         "mamba_ssm_import_error": problem,
         "flash_sdp_enabled": bool(torch.backends.cuda.flash_sdp_enabled()),
@@ -390,8 +393,13 @@ def variants(plan: Plan, env: dict[str, Any]) -> list[Variant]:
         Variant("* attention, sdpa", "*", {}, {}, same),
         Variant("* attention, SDPA flash only", "*", {}, {}, "sdpa on CPU, fp32", flash_only=True),
     ]
+    cuda = plan.device.type == "cuda"
+    strategies = env["chunked_strategies"]
     for scan in ("cpu", "chunked", "cuda"):
         skip = None
+        settings = {"mamba.scan": scan}
+        if scan == "chunked" and cuda and strategies:
+            settings["mamba.chunked_strategy"] = "parallel"  # what auto picks on CUDA, named
         if scan == "chunked" and not env["chunked_scan"]:
             skip = "arch.config.MAMBA_SCANS has no 'chunked' scan in this checkout"
         if scan == "cuda" and plan.device.type != "cuda":
@@ -402,12 +410,24 @@ def variants(plan: Plan, env: dict[str, Any]) -> list[Variant]:
             Variant(
                 f"M mamba, scan={scan}",
                 "M",
-                {"mamba.scan": scan},
+                settings,
                 {"mamba.scan": "cpu"},
                 "scan=cpu on CPU, fp32",
                 skip=skip,
             )
         )
+        if scan == "chunked" and cuda and strategies:
+            # The CPU strategy on the GPU: one table then compares cpu / sequential / parallel.
+            out.append(
+                Variant(
+                    "M mamba, scan=chunked, strategy=sequential",
+                    "M",
+                    {"mamba.scan": "chunked", "mamba.chunked_strategy": "sequential"},
+                    {"mamba.scan": "cpu"},
+                    "scan=cpu on CPU, fp32",
+                    skip=skip,
+                )
+            )
     out += [
         Variant("S mamba2", "S", {}, {}, same),
         Variant("E moe", "E", {}, {}, same),

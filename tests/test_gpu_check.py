@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -107,3 +108,20 @@ def test_wheel_tags():
     assert fits("omegaconf-2.4.0-py3-none-any.whl")
     assert fits(f"xxhash-3.8.2-{ours}-{ours}-manylinux2014_x86_64.manylinux_2_17_x86_64.whl")
     assert not fits("xxhash-3.8.2-cp27-cp27mu-manylinux2014_x86_64.whl")
+
+
+def test_on_cuda_the_chunked_rows_name_both_strategies():
+    """On CUDA `M mamba, scan=chunked` runs the parallel strategy and one more row the sequential
+    one (cpu / sequential / parallel in one table); on CPU neither is forced."""
+    gpu_check = load_script()
+    env = {"chunked_scan": True, "chunked_strategies": True, "mamba_ssm_kernels": False}
+    on = {v.name: v for v in gpu_check.variants(SimpleNamespace(device=torch.device("cuda")), env)}
+    assert on["M mamba, scan=chunked"].settings == {
+        "mamba.scan": "chunked",
+        "mamba.chunked_strategy": "parallel",
+    }
+    sequential = on["M mamba, scan=chunked, strategy=sequential"]
+    assert sequential.settings["mamba.chunked_strategy"] == "sequential" and not sequential.skip
+    off = {v.name: v for v in gpu_check.variants(SimpleNamespace(device=torch.device("cpu")), env)}
+    assert off["M mamba, scan=chunked"].settings == {"mamba.scan": "chunked"}
+    assert "M mamba, scan=chunked, strategy=sequential" not in off
