@@ -167,7 +167,8 @@ def mamba_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
     - dt, B, C (whole under TP): x_proj's output, the three RMSNorms' saved tensors, B and C's
       contiguous copies: (3r + 6N) x 4 (bf16: 10r + 24N bytes);
     - the scan's states: ``chunked`` the l/Q chunk-entering states (N d / Q x 4); ``cpu`` every
-      state (N d x 4) and time-major copies of u, dt (2d x 4);
+      state (N d x 4) and one more time-major copy (d x 4; the other replaces a copy the
+      chunked path makes);
     - selective: x|z (the region's input) and the gated output only (3d of a Linear's dtype).
     """
     m = cfg.mamba
@@ -177,11 +178,11 @@ def mamba_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
         return 3 * d * c.act
     if c.bf16:
         body = (34 + 2 * (conv - 1)) * d + 10 * r + 24 * n
-    else:
-        body = (40 + 4 * (conv - 1)) * d + FP32 * (3 * r + 6 * n)
+    else:  # at batch 1 x_proj's transposed input folds to 2-D without a copy
+        body = (40 - 4 * (c.batch == 1) + 4 * (conv - 1)) * d + FP32 * (3 * r + 6 * n)
     scan = _mamba_scan(cfg, c)
     if scan == "cpu":
-        body += FP32 * (n * d + 2 * d)
+        body += FP32 * (n * d + d)
     else:
         body += FP32 * n * d / default_chunk_size(c.batch, d, n)
     return body
