@@ -71,6 +71,7 @@ CASES = [
     Case("1 process", recompute="none"),
     Case("1 process, full", recompute="full"),
     Case("dp2 ZeRO-1", dp=2, zero=1),
+    Case("dp2 ZeRO-2, full", dp=2, zero=2, recompute="full"),
     Case("dp2 ep2, selective", dp=2, ep=2, recompute="selective"),
     Case("tp2 + SP, selective", tp=2, sp=True, recompute="selective"),
     Case("pp2 1F1B", pp=2),
@@ -81,8 +82,9 @@ CASES = [
 
 def run_config(case: Case):
     """The benchmark's model: 8 sub-layers M-S*E-M- (Mamba-1, Mamba-2, attention, MoE with 4
-    experts top-2, SwiGLU MLPs), d_model 256, vocabulary 4096, untied, fp32, AdamW."""
-    from arch.config import ModelConfig, MoEConfig
+    experts top-2, SwiGLU MLPs), d_model 256, Mamba-2 with 2 B/C groups (a group per TP rank),
+    vocabulary 4096, untied, fp32, AdamW."""
+    from arch.config import Mamba2Config, ModelConfig, MoEConfig
     from trainer.config import RunConfig
 
     cfg = RunConfig()
@@ -94,6 +96,7 @@ def run_config(case: Case):
         vocab_size=VOCAB,
         tie_embeddings=False,
         moe=MoEConfig(num_experts=4, top_k=2),
+        mamba2=Mamba2Config(n_groups=2),  # B/C groups split under tp 2
     )
     cfg.model.attention.rope = False
     cfg.trainer.seq_len, cfg.trainer.micro_batch_size = SEQ, MICRO

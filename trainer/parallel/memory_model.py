@@ -54,6 +54,7 @@ CUDA_OVERHEAD = 0.10
 CPU_OVERHEAD = 0.05
 AUTOCAST_WORD = 2  # bf16
 FP32 = 4
+ZERO_BUCKET = int(5e8)  # DeepSpeed's default reduce_bucket_size / allgather_bucket_size (elements)
 
 MEMORY_CONSTANTS: dict[str, str] = {
     "cuda_allocator_overhead": f"{CUDA_OVERHEAD:.0%} of the counted bytes: PyTorch's caching "
@@ -67,14 +68,15 @@ MEMORY_CONSTANTS: dict[str, str] = {
     "autocast_weight_copies": "bf16: 2 bytes per Linear weight of the stage, per micro-batch "
     "in flight (autocast's cast of each weight is saved for the backward); not under full",
     "ddp_bucket": f"{BUCKET_ELEMENTS * FP32 / 2**20:.0f} MiB: the plain engine's flattened "
-    "gradient bucket (data_parallel.BUCKET_ELEMENTS), when dp > 1",
-    "zero_buckets": "DeepSpeed ZeRO-1/2 defaults: reduce bucket 5e8 elements and allgather bucket "
-    "5e8 elements, capped at the rank's parameter count (fp32)",
+    "gradient bucket (data_parallel.BUCKET_ELEMENTS), when dp > 1, after the backward",
+    "zero_buckets": f"{ZERO_BUCKET:.0e} elements (DeepSpeed's default reduce_bucket_size) capped "
+    "at the rank's parameters, fp32: ZeRO-2's contiguous gradient bucket during the backward, "
+    "ZeRO-1's reduction after it",
     "p2p": "pipeline: the residual state sent and received, forward and backward (4 tensors of "
     "micro x seq/tp_sp x d_model x state streams, fp32)",
-    "transient": "the largest sub-layer's recomputed activations (selective/full) plus two "
-    "activation gradients of its widest tensor; on the last stage at least the logits' "
-    "gradient (fp32) and the log-softmax again",
+    "transient": "backward order: at sub-layer i, what it recomputes plus two fp32 gradients "
+    "of its widest tensor, less what the sub-layers after i have freed; the last stage's loss "
+    "first: two fp32 [tokens, vocab] gradients with every activation held",
 }
 
 
@@ -111,14 +113,19 @@ class RankMemory:
     optimizer: float
     activations: float
     transient: float
-    buffers: float
+    buffers: float  # live during the backward (ZeRO-2 bucket, pipeline p2p)
     overhead: float
+    step_buffers: float = 0.0  # live after the backward only (DDP bucket, ZeRO-1 reduction)
 
     @property
     def total(self) -> float:
-        return sum(self.breakdown().values())
+        """The peak: state + the larger of the backward's and the step's extra, + overhead."""
+        state = self.weights + self.grads + self.optimizer
+        extra = max(self.activations + self.transient + self.buffers, self.step_buffers)
+        return state + extra + self.overhead
 
     def breakdown(self) -> dict[str, float]:
+        """Each part in bytes (``step_buffers`` is not added to the backward's parts: `total`)."""
         return {
             "weights": self.weights,
             "grads": self.grads,
@@ -126,6 +133,7 @@ class RankMemory:
             "activations": self.activations,
             "transient": self.transient,
             "buffers": self.buffers,
+            "step_buffers": self.step_buffers,
             "overhead": self.overhead,
         }
 
@@ -403,22 +411,29 @@ def in_flight(cfg: RunConfig, layout: Layout, pp_rank: int) -> float:
 
 
 def _transient(cfg: RunConfig, layout: Layout, pp_rank: int, c: ActivationContext) -> float:
-    """Extra peak inside one backward: the largest recomputed sub-layer (selective/full) and two
-    activation gradients of d_model... its widest tensor; the last stage: logits' gradient."""
+    """Extra peak inside one micro-batch's backward above its held activations.
+
+    The backward walks the stage's sub-layers in reverse and frees each one's activations as it
+    goes, so at sub-layer i only the layers up to i still hold theirs. Sub-layer i adds what it
+    recomputes (none - kept at ``c.recompute``) and two activation gradients of its widest
+    tensor (fp32); the peak over i is taken against the whole micro-batch's held bytes. The
+    last stage's loss comes first, with everything held: the log-softmax's gradient and the
+    logits' gradient, both fp32 [tokens, vocabulary]."""
     model = cfg.model
     none = ActivationContext(**{**c.__dict__, "recompute": "none"})
+    layers = [i for chunk in _chunks(model, layout, pp_rank) for i in chunk]
+    freed = 0.0  # bytes per token already released by the sub-layers after i
     worst = 0.0
-    for chunk in _chunks(model, layout, pp_rank):
-        for i in chunk:
-            sym = model.layers[i]
-            full_none = sublayer_bytes(model, sym, none)
-            kept = sublayer_bytes(model, sym, c)
-            worst = max(worst, full_none - kept + 2 * FP32 * _widest(model, sym, c))
-    out = worst * c.tokens
+    for i in reversed(layers):
+        sym = model.layers[i]
+        kept = sublayer_bytes(model, sym, c)
+        extra = sublayer_bytes(model, sym, none) - kept + 2 * FP32 * _widest(model, sym, c)
+        worst = max(worst, extra - freed)
+        freed += kept
     if pp_rank == layout.pp - 1:
         vocab = model.vocab_size if c.tp == 1 else model.padded_vocab_size // c.tp
-        out = max(out, 2 * FP32 * vocab * c.tokens)
-    return out
+        worst = max(worst, 2 * FP32 * vocab)
+    return worst * c.tokens
 
 
 def _widest(cfg: ModelConfig, symbol: str, c: ActivationContext) -> int:
@@ -434,20 +449,28 @@ def _widest(cfg: ModelConfig, symbol: str, c: ActivationContext) -> int:
     return cfg.d_model
 
 
-def _buffers(cfg: RunConfig, layout: Layout, shard: RankShard, c: ActivationContext) -> float:
-    """Communication buffers: the gradient bucket (plain engine) or ZeRO's buckets; the
-    pipeline's send/receive tensors."""
+def _buffers(
+    cfg: RunConfig, layout: Layout, shard: RankShard, c: ActivationContext
+) -> tuple[float, float]:
+    """Communication buffers (bytes live during the backward, bytes live at the step after it).
+
+    Backward: ZeRO-2's contiguous gradient bucket (DeepSpeed's reduce_bucket_size, capped at the
+    rank's parameters); the pipeline's send/receive tensors. After the backward, when the
+    activations are gone: the plain engine's flattened bucket, ZeRO-1's reduction of the
+    gradients."""
     n = shard.params
-    out = 0.0
+    backward = step = 0.0
     if layout.dp > 1:
         if layout.effective_zero == 0:
-            out += FP32 * min(n, BUCKET_ELEMENTS)
+            step = FP32 * min(n, BUCKET_ELEMENTS)
+        elif layout.effective_zero == 1:
+            step = FP32 * min(n, ZERO_BUCKET)
         else:
-            out += 2 * FP32 * min(n, 5e8)
+            backward = FP32 * min(n, ZERO_BUCKET)
     if layout.pp > 1:
         seq = c.seq // (c.tp if c.sequence_parallel else 1)
-        out += 4 * FP32 * c.batch * seq * cfg.model.d_model * _state_streams(cfg.model)
-    return out
+        backward += 4 * FP32 * c.batch * seq * cfg.model.d_model * _state_streams(cfg.model)
+    return backward, step
 
 
 def rank_memory(
@@ -458,7 +481,11 @@ def rank_memory(
 ) -> list[RankMemory]:
     """Every rank role's predicted peak; shards default to `census.rank_census(cfg.model,
     layout)`. Micro-batch, seq_len, recompute, sequence_parallel, precision come from ``cfg``;
-    ``device`` 'cuda' (allocator figures) or 'cpu' (what benchmarks/plan_accuracy.py measures)."""
+    ``device`` 'cuda' (allocator figures) or 'cpu' (what benchmarks/plan_accuracy.py measures).
+
+    The peak is the larger of the backward's (state + activations of the micro-batches in
+    flight + one backward's transient + the buffers live then) and the step's (state + the
+    buffers live after the backward), plus the allocator overhead on it."""
     from trainer.parallel.census import optimizer_moments
 
     shards = rank_census(cfg.model, layout) if shards is None else shards
@@ -475,8 +502,8 @@ def rank_memory(
             )
         acts, transient = per_stage[shard.pp_rank]
         state = state_bytes(shard, layout, optimizer_moments(cfg.optim.name))
-        buffers = _buffers(cfg, layout, shard, c)
-        counted = sum(state.values()) + acts + transient + buffers
+        backward, step = _buffers(cfg, layout, shard, c)
+        counted = sum(state.values()) + max(acts + transient + backward, step)
         out.append(
             RankMemory(
                 shard.pp_rank,
@@ -488,8 +515,9 @@ def rank_memory(
                 state["optimizer"],
                 acts,
                 transient,
-                buffers,
+                backward,
                 overhead * counted,
+                step_buffers=step,
             )
         )
     return out
