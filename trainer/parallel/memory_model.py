@@ -35,6 +35,7 @@ d_model width (stated, not measured).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -116,16 +117,31 @@ class RankMemory:
     buffers: float  # live during the backward (ZeRO-2 bucket, pipeline p2p)
     overhead: float
     step_buffers: float = 0.0  # live after the backward only (DDP bucket, ZeRO-1 reduction)
+    # Gradients not yet allocated at the backward's peak (the first backward of a step with
+    # every micro-batch in flight: its gradients appear as its activations go).
+    grads_late: float = 0.0
+    # Activations of one micro-batch (the one whose backward frees them as its gradients grow).
+    one_micro_batch: float = 0.0
+
+    @property
+    def backward_peak(self) -> float:
+        """Bytes above weights + optimizer at the backward's peak: at its start (every
+        activation in flight and the transient; ``grads_late`` not yet there) or at its end
+        (the gradients complete, one micro-batch's activations gone)."""
+        early = self.grads - self.grads_late + self.activations + self.transient
+        late = self.grads + self.activations - self.one_micro_batch
+        return max(early, late) + self.buffers
 
     @property
     def total(self) -> float:
-        """The peak: state + the larger of the backward's and the step's extra, + overhead."""
-        state = self.weights + self.grads + self.optimizer
-        extra = max(self.activations + self.transient + self.buffers, self.step_buffers)
-        return state + extra + self.overhead
+        """The peak: weights + optimizer + the larger of the backward's peak and the step's
+        (gradients and the buffers live after the backward), + the allocator overhead."""
+        step = self.grads + self.step_buffers
+        return self.weights + self.optimizer + max(self.backward_peak, step) + self.overhead
 
     def breakdown(self) -> dict[str, float]:
-        """Each part in bytes (``step_buffers`` is not added to the backward's parts: `total`)."""
+        """Each part in bytes; they do not simply add up (`total`: the backward's and the step's
+        peaks are different moments, and ``grads_late`` is part of ``grads``)."""
         return {
             "weights": self.weights,
             "grads": self.grads,
@@ -134,6 +150,7 @@ class RankMemory:
             "transient": self.transient,
             "buffers": self.buffers,
             "step_buffers": self.step_buffers,
+            "grads_late": self.grads_late,
             "overhead": self.overhead,
         }
 
@@ -449,6 +466,13 @@ def _widest(cfg: ModelConfig, symbol: str, c: ActivationContext) -> int:
     return cfg.d_model
 
 
+def _backward_grads(shard: RankShard, layout: Layout) -> float:
+    """Gradient bytes the backward allocates (param.grad, freed after each step): all of them
+    under the plain engine and ZeRO-1 (which reduces them after the backward); none under
+    ZeRO-2/3 (reduced into buckets and partitions as they come)."""
+    return FP32 * shard.params if layout.effective_zero <= 1 else 0.0
+
+
 def _buffers(
     cfg: RunConfig, layout: Layout, shard: RankShard, c: ActivationContext
 ) -> tuple[float, float]:
@@ -483,41 +507,45 @@ def rank_memory(
     layout)`. Micro-batch, seq_len, recompute, sequence_parallel, precision come from ``cfg``;
     ``device`` 'cuda' (allocator figures) or 'cpu' (what benchmarks/plan_accuracy.py measures).
 
-    The peak is the larger of the backward's (state + activations of the micro-batches in
-    flight + one backward's transient + the buffers live then) and the step's (state + the
-    buffers live after the backward), plus the allocator overhead on it."""
+    The peak is the larger of the backward's (weights, optimizer, activations of the
+    micro-batches in flight, one backward's transient, the buffers live then, and the gradients
+    allocated by then) and the step's (gradients + the buffers live after the backward), plus
+    the allocator overhead on it. Gradients are freed after each step (set_to_none): when no
+    forward follows the first backward of a step (m micro-batches <= those in flight), the peak
+    comes before its gradients exist or after its micro-batch's activations are gone."""
     from trainer.parallel.census import optimizer_moments
 
     shards = rank_census(cfg.model, layout) if shards is None else shards
     c = _context(cfg, layout, device)
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
-    per_stage: dict[int, tuple[float, float]] = {}
+    per_stage: dict[int, tuple[float, float, float]] = {}
     out = []
     for shard in shards:
         if shard.pp_rank not in per_stage:
             held = sum(activation_bytes(cfg, layout, shard.pp_rank, device).values())
-            per_stage[shard.pp_rank] = (
-                held * in_flight(cfg, layout, shard.pp_rank),
-                _transient(cfg, layout, shard.pp_rank, c),
-            )
-        acts, transient = per_stage[shard.pp_rank]
+            flight = in_flight(cfg, layout, shard.pp_rank)
+            transient = _transient(cfg, layout, shard.pp_rank, c)
+            per_stage[shard.pp_rank] = (held * flight, transient, held * min(1.0, flight))
+        acts, transient, one = per_stage[shard.pp_rank]
         state = state_bytes(shard, layout, optimizer_moments(cfg.optim.name))
         backward, step = _buffers(cfg, layout, shard, c)
-        counted = sum(state.values()) + max(acts + transient + backward, step)
-        out.append(
-            RankMemory(
-                shard.pp_rank,
-                shard.tp_rank,
-                shard.ep_rank,
-                shard.params,
-                state["weights"],
-                state["grads"],
-                state["optimizer"],
-                acts,
-                transient,
-                backward,
-                overhead * counted,
-                step_buffers=step,
-            )
+        steady = micro_batches(cfg, layout) > math.ceil(in_flight(cfg, layout, shard.pp_rank))
+        late = 0.0 if steady else _backward_grads(shard, layout)
+        memory = RankMemory(
+            shard.pp_rank,
+            shard.tp_rank,
+            shard.ep_rank,
+            shard.params,
+            state["weights"],
+            state["grads"],
+            state["optimizer"],
+            acts,
+            transient,
+            backward,
+            0.0,
+            step_buffers=step,
+            grads_late=late,
+            one_micro_batch=one,
         )
+        out.append(dataclasses.replace(memory, overhead=overhead * memory.total))
     return out
