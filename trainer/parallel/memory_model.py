@@ -431,7 +431,8 @@ def _transient(cfg: RunConfig, layout: Layout, pp_rank: int, c: ActivationContex
     """Extra peak inside one micro-batch's backward above its held activations.
 
     The backward walks the stage's sub-layers in reverse and frees each one's activations as it
-    goes, so at sub-layer i only the layers up to i still hold theirs. Sub-layer i adds what it
+    goes, so at sub-layer i only the layers up to i still hold theirs (the head's are gone
+    too). Sub-layer i adds what it
     recomputes (none - kept at ``c.recompute``) and two activation gradients of its widest
     tensor (fp32); the peak over i is taken against the whole micro-batch's held bytes. The
     last stage's loss comes first, with everything held: the log-softmax's gradient and the
@@ -439,7 +440,9 @@ def _transient(cfg: RunConfig, layout: Layout, pp_rank: int, c: ActivationContex
     model = cfg.model
     none = ActivationContext(**{**c.__dict__, "recompute": "none"})
     layers = [i for chunk in _chunks(model, layout, pp_rank) for i in chunk]
-    freed = 0.0  # bytes per token already released by the sub-layers after i
+    # Bytes per token already released when sub-layer i's backward runs: the sub-layers after
+    # it and, on the last stage, the final norm's and the loss's (their backward runs first).
+    freed = head_bytes(model, c) if pp_rank == layout.pp - 1 else 0.0
     worst = 0.0
     for i in reversed(layers):
         sym = model.layers[i]
