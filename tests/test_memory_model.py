@@ -124,3 +124,17 @@ def test_rank_memory_pipeline_and_tensor_parallel() -> None:
     zero = rank_memory(cfg, Layout(tp=2, dp=2, zero=1), shards, device="cpu")
     assert len(zero) == 2 and all(r.step_buffers > 0 for r in zero)  # ZeRO-1: after backward
     assert all(":" not in k and v for k, v in MEMORY_CONSTANTS.items())
+
+
+def test_a_plugin_supplies_its_own_activation_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook: a mixer's ``activation_bytes_per_token`` classmethod replaces the family
+    function (here: the attention plugin's, made to say 1000 bytes more per token)."""
+    from arch.attention import Attention
+    from trainer.parallel import memory_model
+
+    cfg = _run(_model("*", 128), batch=2, seq=64, mode="none", precision="fp32")
+    before = activation_bytes(cfg, Layout(), 0, "cpu")["attention"]
+    hook = classmethod(lambda cls, model, ctx: memory_model.attention_bytes(model, ctx) + 1000)
+    monkeypatch.setattr(Attention, "activation_bytes_per_token", hook, raising=False)
+    after = activation_bytes(cfg, Layout(), 0, "cpu")["attention"]
+    assert after - before == pytest.approx(1000 * 2 * 64)

@@ -294,21 +294,25 @@ PRENORM_CASTS = {"mlp": 2, "attention": 3, "mamba": 1, "mamba2": 1, "moe": 0}
 
 
 def sublayer_bytes(cfg: ModelConfig, symbol: str, c: ActivationContext) -> float:
-    """Held bytes per token of one sub-layer (its input state included) at ``c.recompute``."""
+    """Held bytes per token of one sub-layer (its input state included) at ``c.recompute``:
+    the pre-norm (`_prenorm`, which counts the stream x), the other residual-state streams
+    (momentum residuals), and the plugin's own tensors: its ``activation_bytes_per_token``
+    classmethod when it has one, else the family function (`FAMILY_BYTES`), else an MLP of
+    d_model width (a stated stand-in, not measured)."""
     kind, plugin = cfg.symbol_table()[symbol]
-    state = FP32 * cfg.d_model * _state_streams(cfg) / (c.tp if c.sequence_parallel else 1)
+    shard = c.tp if c.sequence_parallel else 1
+    state = FP32 * cfg.d_model * _state_streams(cfg) / shard
     if c.recompute == "full":
         return state
+    others = state - FP32 * cfg.d_model / shard  # streams beyond x
     cls = (MIXERS if kind == "mixer" else FFNS).get(plugin)
     own = getattr(cls, "activation_bytes_per_token", None)
     if own is not None:
-        return _prenorm(cfg, c, 1) + own(cfg, c) + state - FP32 * cfg.d_model
+        return _prenorm(cfg, c, 1) + own(cfg, c) + others
     fn = FAMILY_BYTES.get(plugin)
-    if fn is None:  # no model for this plugin: counted as an MLP of d_model width (stated)
-        return _prenorm(cfg, c, 2) + mlp_bytes(cfg, c, cfg.d_model * c.tp)
-    base = _prenorm(cfg, c, PRENORM_CASTS[plugin])
-    extra = state - FP32 * cfg.d_model / (c.tp if c.sequence_parallel else 1)
-    return base + fn(cfg, c) + extra
+    if fn is None:
+        return _prenorm(cfg, c, 2) + mlp_bytes(cfg, c, cfg.d_model * c.tp) + others
+    return _prenorm(cfg, c, PRENORM_CASTS[plugin]) + fn(cfg, c) + others
 
 
 def _state_streams(cfg: ModelConfig) -> int:
