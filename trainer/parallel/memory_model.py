@@ -12,19 +12,28 @@ Model (its assumptions, each checked by `tests/test_memory_model.py` against the
 - dtype: fp32 everywhere in fp32. Under bf16 autocast the residual stream and the norms stay
   fp32, every Linear's input is cast to bf16 once per consumer (the cast is what is saved), its
   output is bf16; the scans run in fp32 (their inputs are fp32 copies); the routers in fp32; the
-  logits are bf16 and the loss's log-softmax fp32. Autocast also saves a bf16 copy of every
-  Linear weight that ran (2 bytes per weight, per micro-batch in flight, not under ``full``).
+  loss keeps its fp32 log-softmax (the logits are dropped once the loss is computed). Autocast
+  also saves a bf16 copy of every Linear weight that ran (2 bytes per weight, per micro-batch in
+  flight; under ``selective`` not those inside recomputed regions, under ``full`` the head's only).
 - Recompute ``full`` keeps each sub-layer's input state only; ``selective`` keeps what the
   plugin's `recompute_region` leaves outside (its inputs and outputs): see each family.
 - Attention: SDPA (flash) keeps its output and log-sum-exp, never a T x T matrix.
 - Mamba-1 ``chunked`` scan keeps the l/Q chunk-entering states ([l/Q, b, d, N] fp32, Q from
-  `default_chunk_size`); the ``cpu`` scan keeps all l states plus time-major copies of u, dt, B, C.
+  `default_chunk_size`); the ``cpu`` scan keeps all l states and one more [b, l, d] copy.
 - MoE: balanced routing, each rank processes top_k x tokens assignments (under expert
   parallelism as well: it receives from every expert rank what its experts were given).
 - Pipeline: 1F1B holds min(P - p, m) micro-batches on stage p; interleaving holds warmup + 1
   chunks (`InterleavedOrder.warmup`), each 1/v of the stage.
 - Sequence parallelism divides the residual stream and the norm's saved tensors by tp; the
   norm's output is gathered (whole sequence) before the plugin.
+- The peak (`RankMemory.total`): weights + optimizer state + the larger of the backward's peak
+  and the optimizer step's. Gradients are freed after every step (set_to_none), so they count
+  at the backward's peak only when a forward follows the step's first backward (more
+  micro-batches than in flight); else the peak is at that backward's start (no gradients yet)
+  or end (gradients complete, one micro-batch's activations gone). The backward frees each
+  sub-layer's activations as it passes (`_transient`). Buffers are counted where they are live:
+  ZeRO-2's bucket and the pipeline's p2p tensors in the backward, the plain engine's bucket and
+  ZeRO-1's reduction at the step.
 
 A plugin may supply its own family function: a classmethod
 ``activation_bytes_per_token(cfg: ModelConfig, ctx: ActivationContext) -> float`` on the mixer
@@ -73,6 +82,8 @@ MEMORY_CONSTANTS: dict[str, str] = {
     "zero_buckets": f"{ZERO_BUCKET:.0e} elements (DeepSpeed's default reduce_bucket_size) capped "
     "at the rank's parameters, fp32: ZeRO-2's contiguous gradient bucket during the backward, "
     "ZeRO-1's reduction after it",
+    "gradients": "fp32, freed after every step: held at the backward's peak only when a "
+    "forward follows the step's first backward (RankMemory.backward_peak)",
     "p2p": "pipeline: the residual state sent and received, forward and backward (4 tensors of "
     "micro x seq/tp_sp x d_model x state streams, fp32)",
     "transient": "backward order: at sub-layer i, what it recomputes plus two fp32 gradients "
