@@ -38,40 +38,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from arch import build_model, lm_loss
 from arch.aux_losses import recording
 from arch.model import aux_loss_counts
 from arch.recompute import MODES, set_recompute
+from trainer.parallel.memory_probe import StorageTracker
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "jamba_tiny.yaml"
-
-
-class StorageTracker(TorchDispatchMode):
-    """Weak references to the storage of every tensor the ops inside create."""
-
-    def __init__(self, existing: list[torch.Tensor]) -> None:
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-        # Views of tensors made before (a parameter's .T) share their storage: not activations.
-        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                ref = StorageWeakRef(storage)
-                if ref.cdata not in self.existing:
-                    self.storages.setdefault(ref.cdata, (ref, storage.nbytes()))
-        return out
-
-    def alive_bytes(self) -> int:
-        return sum(n for ref, n in self.storages.values() if not ref.expired())
 
 
 def setup(args: argparse.Namespace, mode: str) -> tuple[torch.nn.Module, torch.Tensor, dict]:
