@@ -19,7 +19,9 @@ Model (its assumptions, each checked by `tests/test_memory_model.py` against the
   plugin's `recompute_region` leaves outside (its inputs and outputs): see each family.
 - Attention: SDPA (flash) keeps its output and log-sum-exp, never a T x T matrix.
 - Mamba-1 ``chunked`` scan keeps the l/Q chunk-entering states ([l/Q, b, d, N] fp32, Q from
-  `default_chunk_size`); the ``cpu`` scan keeps all l states and one more [b, l, d] copy.
+  `default_chunk_size` for the sequential strategy, `PARALLEL_CHUNK` for the parallel one, which
+  also needs a workspace of `PARALLEL_SCAN_BUFFERS` group-sized tensors while it runs); the
+  ``cpu`` scan keeps all l states and one more [b, l, d] copy.
 - MoE: balanced routing, each rank processes top_k x tokens assignments (under expert
   parallelism as well: it receives from every expert rank what its experts were given).
 - Pipeline: 1F1B holds min(P - p, m) micro-batches on stage p; interleaving holds warmup + 1
@@ -51,7 +53,8 @@ from dataclasses import dataclass
 from arch.config import ModelConfig
 from arch.layers_registry import FFNS, MIXERS
 from arch.moe import expert_hidden
-from arch.selective_scan_chunked import default_chunk_size
+from arch.selective_scan import AUTO_CUDA_WITHOUT_KERNEL
+from arch.selective_scan_chunked import PARALLEL_CHUNK, default_chunk_size, default_group_chunks
 from trainer.config import RunConfig
 from trainer.parallel.census import Layout, RankShard, rank_census, state_bytes
 from trainer.parallel.data_parallel import BUCKET_ELEMENTS
@@ -219,18 +222,43 @@ def mamba_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
     scan = _mamba_scan(cfg, c)
     if scan == "cpu":
         body += FP32 * (n * d + d)
+    elif scan == "parallel":
+        body += FP32 * n * d / PARALLEL_CHUNK
     else:
         body += FP32 * n * d / default_chunk_size(c.batch, d, n)
     return body
 
 
 def _mamba_scan(cfg: ModelConfig, c: ActivationContext) -> str:
-    """The scan a training rank runs: ``auto`` is ``chunked`` on CPU; on CUDA the fused kernel
-    when mamba_ssm imports, else ``cpu`` (counted as ``cpu``: a conservative bound)."""
+    """The scan a training rank runs: ``cpu`` (all states kept; also what the fused mamba_ssm
+    kernel and ``loop`` are counted as, a conservative bound), or ``chunked`` with its in-chunk
+    strategy, ``sequential`` (CPU's default) or ``parallel`` (CUDA's). ``auto`` is ``chunked``
+    on CPU and `AUTO_CUDA_WITHOUT_KERNEL` on CUDA, as `arch.selective_scan.resolve_backend`."""
     scan = cfg.mamba.scan
     if scan == "auto":
-        return "chunked" if c.device == "cpu" else "cpu"
-    return "cpu" if scan in ("cpu", "cuda", "loop") else "chunked"
+        scan = "chunked" if c.device == "cpu" else AUTO_CUDA_WITHOUT_KERNEL
+    if scan != "chunked":
+        return "cpu"
+    strategy = cfg.mamba.chunked_strategy
+    if strategy == "auto":
+        strategy = "sequential" if c.device == "cpu" else "parallel"
+    return "parallel" if strategy == "parallel" else "chunked"
+
+
+# Live [group x Q, b, N, d] fp32 tensors of the parallel chunked scan's backward (decays,
+# drives, states, adjoints and their doubling partners): the scan alone peaked at 4,042 MiB on an
+# H200 at b 8, d_inner 1024, N 16, l 2048, i.e. 8 groups of 2^27 elements (benchmarks/RESULTS.md).
+PARALLEL_SCAN_BUFFERS = 8
+
+
+def scan_workspace(cfg: ModelConfig, c: ActivationContext) -> float:
+    """Bytes the parallel chunked scan allocates while it runs (0 for the other scans)."""
+    if _mamba_scan(cfg, c) != "parallel":
+        return 0.0
+    d, n = cfg.mamba.expand * cfg.d_model // c.tp, cfg.mamba.d_state
+    chunks = -(-c.seq // PARALLEL_CHUNK)
+    group = min(chunks, default_group_chunks(c.batch, d, n, PARALLEL_CHUNK))
+    return PARALLEL_SCAN_BUFFERS * FP32 * group * PARALLEL_CHUNK * c.batch * n * d
 
 
 def mamba2_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
@@ -463,6 +491,8 @@ def _transient(cfg: RunConfig, layout: Layout, pp_rank: int, c: ActivationContex
         sym = model.layers[i]
         kept = sublayer_bytes(model, sym, c)
         extra = sublayer_bytes(model, sym, none) - kept + 2 * FP32 * _widest(model, sym, c)
+        if model.symbol_table()[sym][1] == "mamba":
+            extra += scan_workspace(model, c) / c.tokens
         worst = max(worst, extra - freed)
         freed += kept
     if pp_rank == layout.pp - 1:
