@@ -29,6 +29,7 @@ MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimi
   hybridtron import-hf HF_DIR OUT                Hugging Face Llama/Mixtral/Jamba -> run directory
   hybridtron export-hf CKPT OUT                  checkpoint -> Hugging Face config.json + safetensors
   hybridtron registry list [KIND]                every plugin with its one-line doc
+  hybridtron plan [CONFIG] [key=value ...] --gpus N   layouts that fit, ranked by step time
   hybridtron cluster render KIND --nodes N --gpus-per-node G [CONFIG] [key=value ...]
                                                  Slurm / KubeRay / ray up file for a multi-node run
   hybridtron submit [CONFIG] [key=value ...] [--address ADDR] --num-workers N
@@ -214,6 +215,48 @@ def build_parser() -> argparse.ArgumentParser:
     reg = p.add_subparsers(dest="registry_command", metavar="list")
     r = reg.add_parser("list", help="print every plugin name with its one-line doc")
     r.add_argument("kind", nargs="?", help="only this kind (mixer, ffn, attention, residual, ...)")
+
+    p = sub.add_parser(
+        "plan",
+        help="rank the parallel layouts that fit a cluster",
+        description="Every valid layout (tensor, pipeline, virtual stages, expert, data "
+        "parallelism, ZeRO, recomputation, micro-batch, sequence parallelism) of the config's "
+        "model and global batch on --gpus devices: per-rank memory (parameters, gradients, "
+        "optimizer from each rank's shard built on the meta device; activations, buffers, "
+        "allocator overhead from the memory model), predicted step time, tokens/s per GPU, "
+        "MFU and communication per kind, ranked by step time. Nothing runs on a GPU.",
+    )
+    _config_args(p)
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="devices in all")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="behind NVLink")
+    p.add_argument(
+        "--gpu",
+        default="h100",
+        type=str.lower,
+        choices=("h100", "h200", "a100"),
+        help="hardware preset (default h100); the flags below override its figures",
+    )
+    p.add_argument("--gpu-memory-gib", type=float, metavar="GIB", help="device memory")
+    p.add_argument("--tflops", type=float, help="dense bf16 peak TFLOP/s per device")
+    p.add_argument("--hbm-gbs", type=float, help="memory bandwidth, GB/s")
+    p.add_argument("--nvlink-gbs", type=float, help="NVLink GB/s per GPU and direction")
+    p.add_argument("--ib-gbs", type=float, help="InfiniBand GB/s per GPU and direction")
+    p.add_argument(
+        "--mamba-scan",
+        default="cuda",
+        choices=("cuda", "chunked", "cpu"),
+        help="the Mamba-1 scan the cluster runs (cuda: mamba_ssm kernels)",
+    )
+    p.add_argument("--top", type=int, default=15, metavar="K", help="rows to show (default 15)")
+    p.add_argument(
+        "--explain",
+        type=int,
+        nargs="?",
+        const=1,
+        metavar="RANK",
+        help="per-rank table of the RANK-th layout (default: the best)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     p = sub.add_parser(
         "cluster",
@@ -676,6 +719,71 @@ def cmd_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launch.config import load_config
+
+    config, overrides = _split_config(args.args)
+    cfg = load_config(config, overrides, note=None)
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be positive, got {args.gpus}")
+    with warnings.catch_warnings():  # Megatron's about Apex and Transformer Engine
+        warnings.simplefilter("ignore")
+        from launch import plan_report
+        from trainer.parallel.hardware import hardware
+        from trainer.parallel.planner import plan, smallest_fitting_world
+
+        hw = hardware(
+            args.gpu,
+            args.gpus,
+            args.gpus_per_node,
+            memory_gib=args.gpu_memory_gib,
+            bf16_tflops=args.tflops,
+            hbm_gbs=args.hbm_gbs,
+            nvlink_gbs=args.nvlink_gbs,
+            ib_gbs=args.ib_gbs,
+        )
+        preds = plan(cfg, hw, args.mamba_scan)
+        fitting = [p for p in preds if p.fits]
+        if args.json:
+            print(json.dumps(plan_report.as_json(fitting, hw, args.mamba_scan, args.top), indent=1))
+        elif fitting:
+            t = cfg.trainer
+            plan_report.print_ranking(
+                fitting,
+                hw,
+                f"{len(fitting)} of {len(preds)} valid layouts fit {hw.gpus} x {hw.name} "
+                f"({hw.memory_gib:g} GiB); seq {t.seq_len}, global batch {t.global_batch_size}, "
+                f"{t.precision}",
+                args.top,
+            )
+            if args.explain is not None:
+                if not 1 <= args.explain <= len(fitting):
+                    raise UserError(f"--explain {args.explain}: choose 1..{len(fitting)}")
+                plan_report.print_explain(fitting[args.explain - 1], hw, args.explain)
+            plan_report.print_constants(hw, args.mamba_scan)
+        if not fitting:
+            if not preds:
+                raise UserError(
+                    f"no valid layout for {hw.gpus} GPUs: the global batch "
+                    f"{cfg.trainer.global_batch_size} or the model's sizes divide no "
+                    f"tensor x pipeline x data split of {hw.gpus}; try another --gpus"
+                )
+            best = min(preds, key=lambda p: p.peak_gib)
+            more = smallest_fitting_world(cfg, hw, args.mamba_scan)
+            fix = (
+                f"{more} GPUs would fit (hybridtron plan ... --gpus {more})"
+                if more
+                else "no GPU count up to 16x fits; shrink the model or the sequence"
+            )
+            print(
+                f"hybridtron plan: no layout fits {hw.gpus} x {hw.memory_gib:g} GiB: the "
+                f"smallest peak is {best.peak_gib:.1f} GiB ({best.candidate.label()}); {fix}",
+                file=sys.stderr,
+            )
+            return 1
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from arch.registry import UsageError
     from launch.cluster import render_command
@@ -711,6 +819,7 @@ COMMANDS = {
     "export-hf": cmd_export_hf,
     "checkpoint": cmd_checkpoint,
     "registry": cmd_registry,
+    "plan": cmd_plan,
     "cluster": cmd_cluster,
     "submit": cmd_submit,
     "status": cmd_job,

@@ -150,31 +150,57 @@ def rank_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
     return out
 
 
-def unit_parameters(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, tuple[int, int]]:
-    """(parameters, expert parameters) of every top-level unit (``embed``, ``state_init``,
-    ``layers.<i>``, ``norm``, ``head``) as tensor rank 0 / expert rank 0 of a ``tp`` x ``ep``
-    layout holds it, built once on the meta device under the simulated groups. A unit's shard
-    depends on the tensor and expert sizes only, never on the pipeline cut."""
+def unit_model(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> HybridLM:
+    """The whole model as tensor rank 0 / expert rank 0 of a ``tp`` x ``ep`` layout holds it,
+    on the meta device (built once under the simulated groups, then cached). A unit's shard
+    (``embed``, ``layers.<i>``, ``head``, ...) depends on the tensor and expert sizes only,
+    never on the pipeline cut, so every stage of every layout is a selection of its units."""
     key = (repr(cfg), tp, ep)  # ModelConfig is a mutable dataclass: its repr is the key
-    if key not in _UNIT_CACHE:
+    if key not in _UNIT_MODELS:
         layout = Layout(tp=tp, dp=ep, ep=ep)
         if tp == ep == 1:  # the dense build: no groups (nor Megatron) needed, e.g. on one GPU
-            model = _stage(cfg, layout, 0).model
+            _UNIT_MODELS[key] = _stage(cfg, layout, 0).model
         else:
             with simulated_rank(layout, 0):
-                model = _stage(cfg, layout, 0).model
+                _UNIT_MODELS[key] = _stage(cfg, layout, 0).model
+    return _UNIT_MODELS[key]
+
+
+_UNIT_MODELS: dict[tuple[str, int, int], HybridLM] = {}
+
+
+def unit_of(name: str) -> str:
+    """The top-level unit a parameter or module name belongs to (``layers.7``, ``embed``)."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def stage_units(cfg: ModelConfig, layout: Layout, pp_rank: int) -> list[str]:
+    """The units pipeline rank ``pp_rank`` of ``layout`` holds."""
+    ranges = stage_layer_ranges(cfg, layout.pp, layout.virtual)
+    chunks = rank_chunks(ranges, pp_rank, layout.pp)
+    names = [f"layers.{i}" for start, end in chunks for i in range(start, end)]
+    if pp_rank == 0:
+        names += ["embed", "state_init"]
+    if pp_rank == layout.pp - 1:
+        names += ["norm", "head"]
+    return names
+
+
+def unit_parameters(cfg: ModelConfig, tp: int = 1, ep: int = 1) -> dict[str, tuple[int, int]]:
+    """(parameters, expert parameters) of every unit of `unit_model`."""
+    key = (repr(cfg), tp, ep)
+    if key not in _UNIT_COUNTS:
         units: dict[str, list[int]] = {}
-        for name, p in model.named_parameters():
-            parts = name.split(".")
-            unit = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-            counts = units.setdefault(unit, [0, 0])
+        for name, p in unit_model(cfg, tp, ep).named_parameters():
+            counts = units.setdefault(unit_of(name), [0, 0])
             counts[0] += p.numel()
             counts[1] += p.numel() if expert_of(name, cfg) is not None else 0
-        _UNIT_CACHE[key] = {unit: (n, e) for unit, (n, e) in units.items()}
-    return _UNIT_CACHE[key]
+        _UNIT_COUNTS[key] = {unit: (n, e) for unit, (n, e) in units.items()}
+    return _UNIT_COUNTS[key]
 
 
-_UNIT_CACHE: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
+_UNIT_COUNTS: dict[tuple[str, int, int], dict[str, tuple[int, int]]] = {}
 
 
 def pipeline_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
@@ -184,18 +210,9 @@ def pipeline_census(cfg: ModelConfig, layout: Layout) -> list[RankShard]:
     Every tensor / expert rank of a stage holds as many parameters as rank 0 (the plans split
     evenly or replicate), so these are the layout's sizes; ``owned`` is not counted here (0)."""
     units = unit_parameters(cfg, layout.tp, layout.ep)
-    ranges = stage_layer_ranges(cfg, layout.pp, layout.virtual)
     out = []
     for pp_rank in range(layout.pp):
-        names = [
-            f"layers.{i}"
-            for start, end in rank_chunks(ranges, pp_rank, layout.pp)
-            for i in range(start, end)
-        ]
-        if pp_rank == 0:
-            names += ["embed", "state_init"]
-        if pp_rank == layout.pp - 1:
-            names += ["norm", "head"]
+        names = stage_units(cfg, layout, pp_rank)
         counts = [units.get(name, (0, 0)) for name in names]
         params, experts = sum(c[0] for c in counts), sum(c[1] for c in counts)
         out.append(RankShard(pp_rank, 0, 0, params, owned=0, experts=experts))

@@ -56,7 +56,15 @@ from arch.moe import expert_hidden
 from arch.selective_scan import AUTO_CUDA_WITHOUT_KERNEL
 from arch.selective_scan_chunked import PARALLEL_CHUNK, default_chunk_size, default_group_chunks
 from trainer.config import RunConfig
-from trainer.parallel.census import Layout, RankShard, rank_census, state_bytes
+from trainer.parallel.census import (
+    Layout,
+    RankShard,
+    rank_census,
+    stage_units,
+    state_bytes,
+    unit_model,
+    unit_of,
+)
 from trainer.parallel.data_parallel import BUCKET_ELEMENTS
 from trainer.parallel.schedule import InterleavedOrder
 from trainer.parallel.stages import rank_chunks, stage_layer_ranges
@@ -113,6 +121,8 @@ class ActivationContext:
     def act(self) -> int:
         """Bytes of a Linear's input/output element."""
         return AUTOCAST_WORD if self.bf16 else FP32
+
+    mamba_scan: str | None = None  # the Mamba-1 scan to count (None: model.mamba.scan)
 
 
 @dataclass(frozen=True)
@@ -222,6 +232,8 @@ def mamba_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
     scan = _mamba_scan(cfg, c)
     if scan == "cpu":
         body += FP32 * (n * d + d)
+    elif scan == "kernel":
+        pass
     elif scan == "parallel":
         body += FP32 * n * d / PARALLEL_CHUNK
     else:
@@ -230,13 +242,15 @@ def mamba_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
 
 
 def _mamba_scan(cfg: ModelConfig, c: ActivationContext) -> str:
-    """The scan a training rank runs: ``cpu`` (all states kept; also what the fused mamba_ssm
-    kernel and ``loop`` are counted as, a conservative bound), or ``chunked`` with its in-chunk
+    """The scan a training rank runs: ``kernel`` (mamba_ssm's, which keeps no states), ``cpu``
+    (all states kept; ``loop`` is counted as it, a lower bound), or ``chunked`` with its in-chunk
     strategy, ``sequential`` (CPU's default) or ``parallel`` (CUDA's). ``auto`` is ``chunked``
     on CPU and `AUTO_CUDA_WITHOUT_KERNEL` on CUDA, as `arch.selective_scan.resolve_backend`."""
-    scan = cfg.mamba.scan
+    scan = c.mamba_scan or cfg.mamba.scan
     if scan == "auto":
         scan = "chunked" if c.device == "cpu" else AUTO_CUDA_WITHOUT_KERNEL
+    if scan == "cuda":
+        return "kernel"  # mamba_ssm recomputes its states in the backward: none kept
     if scan != "chunked":
         return "cpu"
     strategy = cfg.mamba.chunked_strategy
@@ -377,7 +391,9 @@ def embedding_bytes(cfg: ModelConfig, c: ActivationContext) -> float:
     return 8.0
 
 
-def _context(cfg: RunConfig, layout: Layout, device: str) -> ActivationContext:
+def _context(
+    cfg: RunConfig, layout: Layout, device: str, mamba_scan: str | None = None
+) -> ActivationContext:
     t, p = cfg.trainer, cfg.parallel
     sp = bool(p.sequence_parallel) and layout.tp > 1
     return ActivationContext(
@@ -390,6 +406,7 @@ def _context(cfg: RunConfig, layout: Layout, device: str) -> ActivationContext:
         recompute=p.recompute,
         device=device,
         ep=layout.ep,
+        mamba_scan=mamba_scan,
     )
 
 
@@ -399,12 +416,17 @@ def _chunks(cfg: ModelConfig, layout: Layout, pp_rank: int) -> list[range]:
 
 
 def activation_bytes(
-    cfg: RunConfig, layout: Layout, pp_rank: int, device: str = "cuda"
+    cfg: RunConfig,
+    layout: Layout,
+    pp_rank: int,
+    device: str = "cuda",
+    mamba_scan: str | None = None,
 ) -> dict[str, float]:
     """One micro-batch's held bytes on pipeline rank ``pp_rank``, by family (+ 'embedding',
     'head', and under bf16 'autocast_weights'); every chunk of the rank (interleaving) counted
-    once."""
-    c = _context(cfg, layout, device)
+    once. ``mamba_scan`` counts another Mamba-1 scan than the config's (the planner's
+    ``--mamba-scan``)."""
+    c = _context(cfg, layout, device, mamba_scan)
     model = cfg.model
     table = model.symbol_table()
     out: dict[str, float] = {}
@@ -431,27 +453,36 @@ def cast_weights(cfg: ModelConfig, layout: Layout, pp_rank: int, recompute: str)
     ``pp_rank`` (TP rank 0's shard, built on the meta device): every Linear's under none; under
     selective, all but those inside recomputed regions (`_REGION_LINEARS`); under full only the
     output head's (outside every sub-layer). Embeddings and convolutions are not cast."""
+    counts = _unit_casts(cfg, layout.tp, layout.ep)
+    index = {"none": 0, "selective": 1, "full": 2}[recompute]
+    return sum(counts.get(unit, (0, 0, 0))[index] for unit in stage_units(cfg, layout, pp_rank))
+
+
+def _unit_casts(cfg: ModelConfig, tp: int, ep: int) -> dict[str, tuple[int, int, int]]:
+    """Per unit of `census.unit_model`: the cast Linear weight elements under none, selective
+    and full (cached: the planner asks for thousands of layouts)."""
     import torch
 
-    from trainer.parallel.census import _stage, simulated_rank
+    key = (repr(cfg), tp, ep)
+    if key not in _CASTS:
+        units: dict[str, list[int]] = {}
+        for name, module in unit_model(cfg, tp, ep).named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                continue
+            if isinstance(module, torch.nn.Embedding) or "embed" in name:
+                continue
+            counts = units.setdefault(unit_of(name), [0, 0, 0])
+            counts[0] += weight.numel()
+            if not any(r in f".{name}." for r in _REGION_LINEARS):
+                counts[1] += weight.numel()
+            if name == "head" or name.endswith(".head"):
+                counts[2] += weight.numel()
+        _CASTS[key] = {unit: (a, s, f) for unit, (a, s, f) in units.items()}
+    return _CASTS[key]
 
-    rank = pp_rank * layout.tp * layout.dp
-    with simulated_rank(layout, rank):
-        stage = _stage(cfg, layout, pp_rank)
-    total = 0
-    for name, module in stage.model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        if isinstance(module, torch.nn.Embedding) or "embed" in name:
-            continue
-        in_head = name == "head" or name.endswith(".head")
-        if recompute == "full" and not in_head:
-            continue
-        if recompute == "selective" and any(r in f".{name}." for r in _REGION_LINEARS):
-            continue
-        total += weight.numel()
-    return total
+
+_CASTS: dict[tuple[str, int, int], dict[str, tuple[int, int, int]]] = {}
 
 
 def micro_batches(cfg: RunConfig, layout: Layout) -> int:
@@ -550,6 +581,7 @@ def rank_memory(
     layout: Layout,
     shards: list[RankShard] | None = None,
     device: str = "cuda",
+    mamba_scan: str | None = None,
 ) -> list[RankMemory]:
     """Every rank role's predicted peak; shards default to `census.rank_census(cfg.model,
     layout)`. Micro-batch, seq_len, recompute, sequence_parallel, precision come from ``cfg``;
@@ -564,13 +596,13 @@ def rank_memory(
     from trainer.parallel.census import optimizer_moments
 
     shards = rank_census(cfg.model, layout) if shards is None else shards
-    c = _context(cfg, layout, device)
+    c = _context(cfg, layout, device, mamba_scan)
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
     per_stage: dict[int, tuple[float, float, float]] = {}
     out = []
     for shard in shards:
         if shard.pp_rank not in per_stage:
-            held = sum(activation_bytes(cfg, layout, shard.pp_rank, device).values())
+            held = sum(activation_bytes(cfg, layout, shard.pp_rank, device, mamba_scan).values())
             flight = in_flight(cfg, layout, shard.pp_rank)
             transient = _transient(cfg, layout, shard.pp_rank, c)
             per_stage[shard.pp_rank] = (held * flight, transient, held * min(1.0, flight))

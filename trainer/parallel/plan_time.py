@@ -12,8 +12,8 @@ runs as many expert tokens as without it). Time = FLOPs / (peak x efficiency of 
 
 Mamba-1's scan is not FLOP-bound: with mamba_ssm's kernels (``--mamba-scan cuda``, what a
 cluster installs) it moves ~24 bytes per token and inner channel (fwd + bwd, bf16) at HBM speed;
-the pure-torch scans are launch-bound loops over time, priced per time step as measured on an
-H200 (benchmarks/RESULTS.md, GPU check).
+without them, ``chunked`` (parallel in-chunk doubling) is priced per state element and ``cpu``
+(a launch-bound loop over time) per time step, both as measured on an H200 (`SCAN_*`).
 
 Pipeline: every rank runs its m micro-batches; the slowest stage sets the pace, and the
 fill-and-drain bubble adds (P - 1) / v chunk times (`schedule.bubble_fraction`).
@@ -56,9 +56,14 @@ EFFICIENCY = {
     "hbm": 0.60,  # share of HBM bandwidth a bandwidth-bound kernel reaches
     "link": 0.80,  # share of a link's bandwidth a large collective reaches (NCCL bus bandwidth)
 }
-# Mamba-1 scans without mamba_ssm, fwd + bwd, per time step and Mamba sub-layer (launch-bound:
-# the same at batch 4 and 8). Measured on an H200, benchmarks/gpu_check.py, 2026-11-26.
-SCAN_STEP_S = {"cpu": 34e-6, "chunked": 186e-6}
+# Mamba-1 scans without mamba_ssm, fwd + bwd, measured on an H200 (benchmarks/RESULTS.md,
+# 2026-11-26): the `cpu` scan is a loop over time, launch-bound (the same at batch 4 and 8), so
+# it costs per time step and Mamba sub-layer; `chunked` (its parallel strategy on CUDA) makes
+# passes over group-sized state tensors, so it costs per state element (b x l x d_inner x N):
+# 38.6 ms for 8 x 2048 x 1024 x 16, scaled by HBM bandwidth from the H200's 4,800 GB/s.
+SCAN_STEP_S = {"cpu": 34e-6}
+SCAN_PARALLEL_S_PER_STATE = 38.6e-3 / (8 * 2048 * 1024 * 16)
+SCAN_PARALLEL_HBM_GBS = 4800.0
 SCAN_BYTES_PER_TOKEN_CHANNEL = 24  # mamba_ssm fwd + bwd: u, delta, z, y (+ grads), bf16
 
 
@@ -199,6 +204,10 @@ def step_time(
             if mamba_scan == "cuda":
                 moved = tokens * c.mamba1_channels / layout.tp * SCAN_BYTES_PER_TOKEN_CHANNEL
                 scan += moved / (hw.hbm_gbs * 1e9 * EFFICIENCY["hbm"])
+            elif mamba_scan == "chunked":
+                states = tokens * c.mamba1_channels / layout.tp * cfg.model.mamba.d_state
+                scale = SCAN_PARALLEL_HBM_GBS / hw.hbm_gbs
+                scan += states * SCAN_PARALLEL_S_PER_STATE * scale
             else:
                 scan += t.seq_len * SCAN_STEP_S[mamba_scan]
         if p.recompute != "none":
