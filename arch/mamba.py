@@ -73,8 +73,9 @@ class Mamba(nn.Module):
         self.scan = m.scan
         # None: `scan_chunked` picks by device (parallel on CUDA, sequential on CPU).
         self.chunked_strategy = None if m.chunked_strategy == "auto" else m.chunked_strategy
-        if m.scan == "cuda":
-            resolve_backend("cuda", torch.device("cuda"))  # fail at build time, not mid-run
+        if m.scan == "cuda" and torch.empty(0).device.type != "meta":
+            # Fail at build time, not mid-run; a meta build (plan, --dry-run) only counts.
+            resolve_backend("cuda", torch.device("cuda"))
         d, n, r = self.d_inner, self.d_state, self.dt_rank
         self.in_proj = tp.linear(cfg, cfg.d_model, 2 * full, "in_proj", _in_proj_split(cfg))
         self.conv1d = nn.Conv1d(d, d, m.d_conv, groups=d, padding=m.d_conv - 1, bias=m.conv_bias)

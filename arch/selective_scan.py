@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from arch.numerics import fp32_or_wider
+from arch.registry import ConfigError
 from arch.selective_scan_chunked import scan_chunked
 
 Kernel = Callable[..., torch.Tensor]
@@ -68,9 +69,10 @@ def resolve_backend(name: str, device: torch.device) -> str:
             return "cuda" if cuda_kernels() is not None else AUTO_CUDA_WITHOUT_KERNEL
         return "chunked"
     if name == "cuda" and cuda_kernels() is None:
-        raise RuntimeError(
-            "model.mamba.scan=cuda needs the mamba_ssm and causal_conv1d CUDA packages; "
-            "install them or use scan=auto"
+        raise ConfigError(
+            "model.mamba.scan",
+            "cuda needs the mamba_ssm and causal_conv1d CUDA packages, which do not import here; "
+            "install them or use scan=auto",
         )
     return name
 

@@ -350,9 +350,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"# parameters: {n:,} ({n / 1e6:.2f}M)")
         with warnings.catch_warnings():  # Megatron's about Apex and Transformer Engine
             warnings.simplefilter("ignore")
-            from trainer.parallel.census import largest_rank_line
+            from trainer.parallel.memory_model import dry_run_line
 
-            print(largest_rank_line(cfg, max(world, cfg.launch.nproc_per_node)))
+            print(dry_run_line(cfg, max(world, cfg.launch.nproc_per_node)))
         return 0
     command = _train_command(args)
     if world > 1:

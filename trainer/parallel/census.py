@@ -29,7 +29,6 @@ import torch.distributed as dist
 from arch import HybridLM, count_parameters
 from arch.config import ModelConfig
 from arch.model_plan import expert_of, split_of
-from trainer.config import RunConfig
 from trainer.parallel.data_parallel import effective_zero_stage
 from trainer.parallel.stages import PipelineStage, rank_chunks, stage_layer_ranges
 
@@ -252,32 +251,6 @@ def state_bytes(shard: RankShard, layout: Layout, moments: int = 2) -> dict[str,
 def optimizer_moments(optimizer: str) -> int:
     """fp32 state tensors per parameter: SGD's momentum 1, AdamW's 2 (Muon: at most 2)."""
     return 1 if optimizer == "sgd" else 2
-
-
-def largest_rank_line(cfg: RunConfig, world: int) -> str:
-    """One line for ``--dry-run``: the layout and the bytes its largest rank keeps for weights,
-    gradients and optimizer state (from its shard built on the meta device)."""
-    p = cfg.parallel
-    layout = Layout(
-        tp=p.tensor,
-        pp=p.pipeline,
-        dp=world // (p.tensor * p.pipeline),
-        ep=p.expert,
-        virtual=p.virtual_stages,
-        zero=p.zero_stage,
-    )
-    census = rank_census(cfg.model, layout)
-    largest = max(census, key=lambda r: r.params)
-    parts = state_bytes(largest, layout, optimizer_moments(cfg.optim.name))
-    roles = f"{len(census)} rank role" + ("s" if len(census) > 1 else "")
-    return (
-        f"# layout tp {layout.tp} x pp {layout.pp} x dp {layout.dp} (ep {layout.ep}, ZeRO "
-        f"{layout.effective_zero}): {roles}; the largest (pp {largest.pp_rank}, tp "
-        f"{largest.tp_rank}, ep {largest.ep_rank}) holds {largest.params:,} parameters: weights "
-        f"{_size(parts['weights'])} + gradients {_size(parts['grads'])} + optimizer "
-        f"{_size(parts['optimizer'])} = {_size(sum(parts.values()))} (fp32; activations not "
-        f"counted)"
-    )
 
 
 def _size(n: float) -> str:

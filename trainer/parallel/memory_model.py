@@ -629,3 +629,38 @@ def rank_memory(
         )
         out.append(dataclasses.replace(memory, overhead=overhead * memory.total))
     return out
+
+
+def dry_run_line(cfg: RunConfig, world: int, device: str = "cuda") -> str:
+    """One line for ``hybridtron train --dry-run``: the layout and its largest rank's predicted
+    peak by part, from the same census and model as `hybridtron plan`."""
+    from trainer.parallel.census import _size
+
+    p = cfg.parallel
+    layout = Layout(
+        tp=p.tensor,
+        pp=p.pipeline,
+        dp=world // (p.tensor * p.pipeline),
+        ep=p.expert,
+        virtual=p.virtual_stages,
+        zero=p.zero_stage,
+    )
+    shards = rank_census(cfg.model, layout)
+    ranks = rank_memory(cfg, layout, shards, device)
+    r = max(ranks, key=lambda m: m.total)
+    roles = f"{len(shards)} rank role" + ("s" if len(shards) > 1 else "")
+    t = cfg.trainer
+    scan = ""
+    if "mamba" in {plugin for _, plugin in cfg.model.symbol_table().values()}:
+        scan = f", Mamba-1 scan {_mamba_scan(cfg.model, _context(cfg, layout, device))}"
+    return (
+        f"# layout tp {layout.tp} x pp {layout.pp} x dp {layout.dp} (ep {layout.ep}, ZeRO "
+        f"{layout.effective_zero}): {roles}; the largest (pp {r.pp_rank}, tp {r.tp_rank}, ep "
+        f"{r.ep_rank}) holds {r.params:,} parameters and peaks at {_size(r.total)} on a "
+        f"{'GPU' if device == 'cuda' else 'CPU'}: weights {_size(r.weights)}, gradients "
+        f"{_size(r.grads)}, optimizer {_size(r.optimizer)}, activations {_size(r.activations)} "
+        f"(micro-batch {t.micro_batch_size} x {t.seq_len}, recompute {p.recompute}{scan}), "
+        f"transient "
+        f"{_size(r.transient)}, buffers {_size(r.buffers + r.step_buffers)}, allocator "
+        f"{_size(r.overhead)} (hybridtron plan --explain shows every role)"
+    )
