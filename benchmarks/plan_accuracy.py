@@ -29,7 +29,9 @@ interleaved form) for two steps of random tokens. What is measured, and why:
 
 The same model (every constant printed) is what `plan` uses with device 'cuda'. Step time: the
 wall time of the second step (slowest rank); the predicted column comes from
-`trainer.parallel.plan_time.step_time` when that module exists ('-' otherwise).
+`trainer.parallel.plan_time.step_time` on `hardware.cpu_hardware` (this machine's measured
+single-thread matmul rate and copy bandwidth, shared when the ranks outnumber the cores; gloo
+and the scan's cost per state element stated there).
 Output: ``OUT/plan_accuracy.json`` and a markdown table on stdout (RESULTS.md has a run).
 """
 
@@ -190,13 +192,15 @@ def launch(case: Case, report: Path) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, timeout=900)
 
 
-def predicted_step_s(cfg, layout) -> float | None:
-    """The time model's prediction for one step, when `trainer.parallel.plan_time` exists."""
-    try:
-        from trainer.parallel.plan_time import step_time
-    except ImportError:
-        return None
-    return float(step_time(cfg, layout))
+def predicted_step_s(cfg, layout) -> float:
+    """The time model's prediction for one step (`plan_time.step_time`) on this machine as
+    `hardware.cpu_hardware` describes it, with the scan the ranks run here (chunked)."""
+    from trainer.parallel.census import pipeline_census
+    from trainer.parallel.hardware import cpu_hardware
+    from trainer.parallel.plan_time import step_time
+
+    hw = cpu_hardware(layout.world)
+    return step_time(cfg, layout, hw, pipeline_census(cfg.model, layout), "chunked").total
 
 
 def predict(case: Case) -> dict[tuple[int, int, int], dict]:

@@ -30,6 +30,10 @@ class Hardware:
     # workspaces): not available to tensors. Measured on the H200 of benchmarks/gpu_check.py as
     # ~0.5 GiB for the context; NCCL adds its own buffers per communicator.
     runtime_reserved_gib: float = 1.0
+    # Overrides of the time model's constants for this machine (None: plan_time's GPU values):
+    # shares of peak by kind of work, and the chunked Mamba-1 scan's cost per state element.
+    efficiency: tuple[tuple[str, float], ...] | None = None
+    scan_s_per_state: float | None = None
 
     @property
     def nodes(self) -> int:
@@ -51,6 +55,57 @@ PRESETS: dict[str, Hardware] = {
     "h200": Hardware("H200-SXM-141GB", 8, 8, 141.0, 989.0, 4800.0, 450.0, 50.0),
     "a100": Hardware("A100-SXM-80GB", 8, 8, 80.0, 312.0, 2039.0, 300.0, 25.0),
 }
+
+
+def cpu_hardware(procs: int) -> Hardware:
+    """This machine as ``procs`` single-threaded ranks over gloo, for benchmarks/plan_accuracy:
+    the fp32 matmul rate of one thread (measured now, 512 x 512), shared when the ranks
+    outnumber the cores; memory bandwidth from a 64 MiB copy; loopback gloo at a stated 1 GB/s
+    and 100 us per collective (not measured); the sequential chunked scan at 11.5 ns per state
+    element (bench_mamba_scan on this 2-core machine, T = 4096: ~0.77 s for 67M states)."""
+    import os
+    import time
+
+    import torch
+
+    def best(fn, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(512, 512)
+        flops = 2 * 512**3 / best(lambda: a @ a)
+        big = torch.empty(2**24)
+        copy = 2 * big.numel() * 4 / best(lambda: big.clone())
+    finally:
+        torch.set_num_threads(threads)
+    share = min(1.0, (os.cpu_count() or 1) / procs)
+    return Hardware(
+        name="cpu",
+        gpus=procs,
+        gpus_per_node=procs,
+        memory_gib=1e6,
+        bf16_tflops=2 * flops * share / 1e12,  # step_time takes fp32 as half the bf16 peak
+        hbm_gbs=copy * share / 1e9,
+        nvlink_gbs=1.0,
+        ib_gbs=1.0,
+        link_latency_s=100e-6,
+        runtime_reserved_gib=0.0,
+        efficiency=(
+            ("matmul", 1.0),
+            ("attention", 0.5),
+            ("other", 0.3),
+            ("hbm", 1.0),
+            ("link", 1.0),
+        ),
+        scan_s_per_state=11.5e-9 / share,
+    )
 
 
 def hardware(preset: str, gpus: int, gpus_per_node: int | None = None, **overrides) -> Hardware:

@@ -164,6 +164,7 @@ def step_time(
 ) -> StepTime:
     """Predicted time of one optimizer step of ``cfg`` on ``layout`` (see the module doc)."""
     t, p = cfg.trainer, cfg.parallel
+    eff = dict(hw.efficiency) if hw.efficiency else EFFICIENCY
     world = layout.world
     m = grad_accumulation_steps(cfg, world)  # micro-batches per rank and step
     tokens = t.micro_batch_size * t.seq_len  # per micro-batch
@@ -185,17 +186,14 @@ def step_time(
             tokens
             / layout.tp
             * (
-                passes * matmul / (peak * EFFICIENCY["matmul"])
-                + passes * sum(c.attention for c in layers) / (peak * EFFICIENCY["attention"])
-                + passes * sum(c.other for c in layers) / (peak * EFFICIENCY["other"])
+                passes * matmul / (peak * eff["matmul"])
+                + passes * sum(c.attention for c in layers) / (peak * eff["attention"])
+                + passes * sum(c.other for c in layers) / (peak * eff["other"])
             )
         )
         if p.recompute == "selective":
             seconds += (
-                tokens
-                / layout.tp
-                * sum(c.selective for c in layers)
-                / (peak * EFFICIENCY["matmul"])
+                tokens / layout.tp * sum(c.selective for c in layers) / (peak * eff["matmul"])
             )
         scan = 0.0
         for c in layers:
@@ -203,11 +201,13 @@ def step_time(
                 continue
             if mamba_scan == "cuda":
                 moved = tokens * c.mamba1_channels / layout.tp * SCAN_BYTES_PER_TOKEN_CHANNEL
-                scan += moved / (hw.hbm_gbs * 1e9 * EFFICIENCY["hbm"])
+                scan += moved / (hw.hbm_gbs * 1e9 * eff["hbm"])
             elif mamba_scan == "chunked":
                 states = tokens * c.mamba1_channels / layout.tp * cfg.model.mamba.d_state
-                scale = SCAN_PARALLEL_HBM_GBS / hw.hbm_gbs
-                scan += states * SCAN_PARALLEL_S_PER_STATE * scale
+                per_state = hw.scan_s_per_state or (
+                    SCAN_PARALLEL_S_PER_STATE * SCAN_PARALLEL_HBM_GBS / hw.hbm_gbs
+                )
+                scan += states * per_state
             else:
                 scan += t.seq_len * SCAN_STEP_S[mamba_scan]
         if p.recompute != "none":
@@ -225,7 +225,7 @@ def step_time(
         if nbytes <= 0:
             return
         link, gbs = hw.link(span)
-        seconds = nbytes / (gbs * 1e9 * EFFICIENCY["link"]) + count * hw.link_latency_s
+        seconds = nbytes / (gbs * 1e9 * eff["link"]) + count * hw.link_latency_s
         comm[kind] = (nbytes, seconds, link)
 
     busiest = [
@@ -256,7 +256,7 @@ def step_time(
             volume += 2 * _ring("all_gather", z, 4.0 * params)
         add("DP/ZeRO" if layout.effective_zero else "DP", volume, 2, layout.tp * layout.dp)
     # AdamW reads and writes weights, gradients and two moments (fp32) once per step.
-    optimizer = 7 * 4.0 * params / (hw.hbm_gbs * 1e9 * EFFICIENCY["hbm"])
+    optimizer = 7 * 4.0 * params / (hw.hbm_gbs * 1e9 * eff["hbm"])
     if layout.effective_zero:
         optimizer /= layout.zero_group
     return StepTime(compute, bubble, scan, optimizer, comm)
