@@ -22,6 +22,7 @@ from trainer.parallel.plan_time import (
     SCAN_PARALLEL_HBM_GBS,
     SCAN_PARALLEL_S_PER_STATE,
     SCAN_STEP_S,
+    SUBLAYER_LAUNCH_S,
 )
 from trainer.parallel.planner import GIB, Prediction
 
@@ -124,6 +125,7 @@ def constants(hw: Hardware, mamba_scan: str) -> dict[str, Any]:
         "mamba_scan": mamba_scan,
         "scan_step_s": dict(SCAN_STEP_S),
         "scan_parallel_s_per_state": SCAN_PARALLEL_S_PER_STATE,
+        "sublayer_launch_s": SUBLAYER_LAUNCH_S,
         "scan_bytes_per_token_channel": SCAN_BYTES_PER_TOKEN_CHANNEL,
         "memory": dict(MEMORY_CONSTANTS),
     }
@@ -139,7 +141,8 @@ def print_constants(hw: Hardware, mamba_scan: str) -> None:
         f"{h['link_latency_s'] * 1e6:g} us per collective, {h['runtime_reserved_gib']:g} GiB "
         f"held by the runtime",
         "  efficiency (share of peak): "
-        + ", ".join(f"{k} {v:g}" for k, v in values["efficiency"].items()),
+        + ", ".join(f"{k} {v:g}" for k, v in values["efficiency"].items())
+        + f"; {SUBLAYER_LAUNCH_S * 1e6:g} us of launches per sub-layer and micro-batch",
         f"  Mamba-1 scan: {mamba_scan}"
         + {
             "cuda": f" (mamba_ssm: {SCAN_BYTES_PER_TOKEN_CHANNEL} bytes per token and channel at "

@@ -65,6 +65,10 @@ SCAN_STEP_S = {"cpu": 34e-6}
 SCAN_PARALLEL_S_PER_STATE = 38.6e-3 / (8 * 2048 * 1024 * 16)
 SCAN_PARALLEL_HBM_GBS = 4800.0
 SCAN_BYTES_PER_TOKEN_CHANNEL = 24  # mamba_ssm fwd + bwd: u, delta, z, y (+ grads), bf16
+# Fixed cost of one sub-layer's forward + backward for one micro-batch, whatever its size: ~40
+# kernel launches at ~5 us (norms, casts, residual adds, the collectives' calls). What makes
+# larger micro-batches faster at equal tokens.
+SUBLAYER_LAUNCH_S = 200e-6
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,7 @@ def step_time(
                 + passes * sum(c.other for c in layers) / (peak * eff["other"])
             )
         )
+        seconds += len(layers) * SUBLAYER_LAUNCH_S * passes / 3
         if p.recompute == "selective":
             seconds += (
                 tokens / layout.tp * sum(c.selective for c in layers) / (peak * eff["matmul"])
