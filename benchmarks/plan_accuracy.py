@@ -267,6 +267,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="/tmp/plan-accuracy")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    parser.add_argument(
+        "--reprice",
+        metavar="JSON",
+        help="no runs: re-predict the step times of a plan_accuracy.json and print its table",
+    )
     parser.add_argument("--rank-case", help=argparse.SUPPRESS)
     parser.add_argument("--report", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -275,6 +280,14 @@ def main() -> None:
         return rank_main(Case(**fields), Path(args.report))
     from trainer.parallel.memory_model import MEMORY_CONSTANTS
 
+    if args.reprice:
+        payload = json.loads(Path(args.reprice).read_text())
+        for r in payload["results"]:
+            case = Case(**r["case"])
+            r["predicted_step_s"] = predicted_step_s(run_config(case), layout_of(case))
+        Path(args.reprice).write_text(json.dumps(payload, indent=1))
+        print(table(payload["results"]))
+        return None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cases = [c for c in CASES if not args.only or c.name in args.only]

@@ -8,6 +8,7 @@ not the hardware's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 
@@ -64,27 +65,8 @@ def cpu_hardware(procs: int) -> Hardware:
     and 100 us per collective (not measured); the sequential chunked scan at 11.5 ns per state
     element (bench_mamba_scan on this 2-core machine, T = 4096: ~0.77 s for 67M states)."""
     import os
-    import time
 
-    import torch
-
-    def best(fn, repeats: int = 5) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        a = torch.randn(512, 512)
-        flops = 2 * 512**3 / best(lambda: a @ a)
-        big = torch.empty(2**24)
-        copy = 2 * big.numel() * 4 / best(lambda: big.clone())
-    finally:
-        torch.set_num_threads(threads)
+    flops, copy = _cpu_rates()
     share = min(1.0, (os.cpu_count() or 1) / procs)
     return Hardware(
         name="cpu",
@@ -106,6 +88,34 @@ def cpu_hardware(procs: int) -> Hardware:
         ),
         scan_s_per_state=11.5e-9 / share,
     )
+
+
+@functools.cache
+def _cpu_rates() -> tuple[float, float]:
+    """(fp32 FLOP/s of one thread's 512 x 512 matmul, bytes/s of a 64 MiB copy), best of 20,
+    measured once per process so every layout is priced on the same figures."""
+    import time
+
+    import torch
+
+    def best(fn, repeats: int = 20) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(512, 512)
+        flops = 2 * 512**3 / best(lambda: a @ a)
+        big = torch.empty(2**24)
+        copy = 2 * big.numel() * 4 / best(lambda: big.clone())
+    finally:
+        torch.set_num_threads(threads)
+    return flops, copy
 
 
 def hardware(preset: str, gpus: int, gpus_per_node: int | None = None, **overrides) -> Hardware:
