@@ -428,13 +428,16 @@ def activation_bytes(
     ``--mamba-scan``)."""
     c = _context(cfg, layout, device, mamba_scan)
     model = cfg.model
-    table = model.symbol_table()
+    table, symbols = model.symbol_table(), model.layers
+    per_symbol: dict[str, float] = {}  # a stage repeats a handful of symbols many times
     out: dict[str, float] = {}
     for chunk in _chunks(model, layout, pp_rank):
         for i in chunk:
-            plugin = table[model.layers[i]][1]
-            held = sublayer_bytes(model, model.layers[i], c) * c.tokens
-            out[plugin] = out.get(plugin, 0.0) + held
+            sym = symbols[i]
+            if sym not in per_symbol:
+                per_symbol[sym] = sublayer_bytes(model, sym, c) * c.tokens
+            plugin = table[sym][1]
+            out[plugin] = out.get(plugin, 0.0) + per_symbol[sym]
     if pp_rank == 0:
         out["embedding"] = embedding_bytes(model, c) * c.tokens
     if pp_rank == layout.pp - 1:
@@ -518,12 +521,17 @@ def _transient(cfg: RunConfig, layout: Layout, pp_rank: int, c: ActivationContex
     # it and, on the last stage, the final norm's and the loss's (their backward runs first).
     freed = head_bytes(model, c) if pp_rank == layout.pp - 1 else 0.0
     worst = 0.0
+    symbols, table = model.layers, model.symbol_table()
+    costs: dict[str, tuple[float, float]] = {}  # symbol -> (kept, extra) per token
     for i in reversed(layers):
-        sym = model.layers[i]
-        kept = sublayer_bytes(model, sym, c)
-        extra = sublayer_bytes(model, sym, none) - kept + 2 * FP32 * _widest(model, sym, c)
-        if model.symbol_table()[sym][1] == "mamba":
-            extra += scan_workspace(model, c) / c.tokens
+        sym = symbols[i]
+        if sym not in costs:
+            kept = sublayer_bytes(model, sym, c)
+            extra = sublayer_bytes(model, sym, none) - kept + 2 * FP32 * _widest(model, sym, c)
+            if table[sym][1] == "mamba":
+                extra += scan_workspace(model, c) / c.tokens
+            costs[sym] = (kept, extra)
+        kept, extra = costs[sym]
         worst = max(worst, extra - freed)
         freed += kept
     if pp_rank == layout.pp - 1:
