@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,106 @@ def test_an_unreachable_store_stops_the_run_with_one_line(server, tiny_data, tmp
     verify_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000002")
     with pytest.raises(CheckpointError, match="cannot read the checkpoint store s3://ckpts/job"):
         Trainer(cfg).fit()  # the store is still down
+
+
+def node_ranks(args: list[str], run_dirs: list[Path]) -> list[subprocess.Popen]:
+    """One `hybridtron train` rank per "node", each with its own run directory (its own
+    disk), the variables set as our launcher and torchrun set them. They share this host's
+    LOCAL_RANK numbering because mosaicml-streaming's shared memory is per host; the trainer
+    tells staging directories apart by path, not by LOCAL_RANK."""
+    import os
+
+    from launch.spawn import free_port
+    from tests.conftest import REPO
+
+    port = str(free_port())
+    procs = []
+    for rank, run_dir in enumerate(run_dirs):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(len(run_dirs)),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(len(run_dirs)), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        cmd = [sys.executable, "-m", "launch.cli", "train", *args, f"trainer.run_dir={run_dir}"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return procs
+
+
+def test_two_nodes_without_a_shared_volume_checkpoint_to_and_resume_from_the_store(
+    server, tiny_data, tmp_path
+):
+    """Two ranks on two "nodes" (own run directories, no shared volume): each stages its
+    part and uploads it, rank 0 commits the manifest; on resume each node downloads the
+    store's newest checkpoint, and the losses continue as the uninterrupted run's."""
+    from tests.conftest import logged_losses, run_cli, tiny_run_args
+
+    store = S3Checkpoints("s3://ckpts/nodes")
+    store.client.create_bucket(Bucket="ckpts")
+    url = "trainer.checkpoint_dir=s3://ckpts/nodes"
+    whole = tmp_path / "whole"  # one node, two ranks: the reference and the step-2 checkpoint
+    proc = run_cli("train", *tiny_run_args(tiny_data, whole, url), "--nproc-per-node", "2",
+                   env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert store.complete() == ["step_00000002", "step_00000004"]
+    for key in store._objects("step_00000004"):  # as if the job died before uploading step 4
+        store.client.delete_object(Bucket="ckpts", Key=key)
+    nodes = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
+    procs = node_ranks(tiny_run_args(tiny_data, tmp_path / "unused", url), nodes)
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert outs[0].count("[resume] downloading s3://ckpts/nodes/step_00000002") == 1
+    assert "hybridtron eval s3://ckpts/nodes/step_00000004" in outs[0]  # the store's copy
+    assert outs[1].count("[resume] downloading") == 0  # rank 1 logs nothing; it downloaded:
+    assert verify_checkpoint(nodes[1] / "checkpoints" / "step_00000002").step == 2
+    want = logged_losses(whole)
+    assert logged_losses(nodes[0]) == {s: want[s] for s in (3, 4)}
+    # Step 4 went up in two parts (rank 1's RNG from node 1), the staging copies are gone.
+    assert store.complete() == ["step_00000002", "step_00000004"]
+    got = store.download("step_00000004", tmp_path / "fetched")
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in got.iterdir()}
+    assert not list((nodes[1] / "checkpoints").glob("step_00000004*"))
+
+
+def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
+    server, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """`eval s3://...` (a prefix: its newest complete checkpoint; or .../step_N) gives the
+    local copy's loss; generate, export-hf and checkpoint convert take the URL too; a missing
+    bucket, an incomplete checkpoint and a store that is down are one line each."""
+    from launch.cli import main
+
+    monkeypatch.setenv("HYBRIDTRON_CACHE", str(tmp_path / "cache"))
+    S3Checkpoints("s3://ckpts/e").client.create_bucket(Bucket="ckpts")
+    cfg = tiny_config(tmp_path / "run", tiny_data, max_steps=2, checkpoint_dir="s3://ckpts/e")
+    Trainer(cfg).fit()
+
+    def loss_of(source: str) -> str:
+        assert main(["eval", source]) == 0
+        return capsys.readouterr().out.split("held-out loss ")[1]
+
+    local = loss_of(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
+    assert loss_of("s3://ckpts/e") == local
+    assert loss_of("s3://ckpts/e/step_00000002/") == local  # the cached copy, verified
+    assert (tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / MANIFEST).exists()
+    assert main(["generate", "s3://ckpts/e", "--prompt", "def ", "--max-new-tokens", "3"]) == 0
+    assert main(["export-hf", "s3://ckpts/e", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    out = str(tmp_path / "model.safetensors")
+    assert main(["checkpoint", "convert", "s3://ckpts/e", "--to", "safetensors", out]) == 0
+    capsys.readouterr()
+    for source, problem in (
+        ("s3://nobucket/x", "cannot read the checkpoint store s3://nobucket/x (NoSuchBucket"),
+        ("s3://ckpts/e/step_00000009", "is not a complete checkpoint in the store"),
+        ("s3://ckpts/none", "holds no complete hybridtron checkpoint"),
+    ):
+        assert main(["eval", source]) == 1
+        err = capsys.readouterr().err.strip()
+        assert problem in err and "\n" not in err, err
+    server.kill()
+    server.wait()
+    assert main(["eval", "s3://ckpts/elsewhere"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot read the checkpoint store" in err and "AWS_ENDPOINT_URL" in err, err
