@@ -241,8 +241,12 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
 
     local = loss_of(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
     assert loss_of("s3://ckpts/e") == local
-    assert loss_of("s3://ckpts/e/step_00000002/") == local  # the cached copy, verified
-    assert (tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / MANIFEST).exists()
+    weights = tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert loss_of("s3://ckpts/e/step_00000002/") == local
+    assert weights.stat().st_mtime_ns == stamp  # the cached copy, verified, reused
+    weights.write_bytes(weights.read_bytes()[:-8])  # damaged: downloaded again
+    assert loss_of("s3://ckpts/e") == local and weights.stat().st_mtime_ns != stamp
     assert main(["generate", "s3://ckpts/e", "--prompt", "def ", "--max-new-tokens", "3"]) == 0
     assert main(["export-hf", "s3://ckpts/e", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").exists()

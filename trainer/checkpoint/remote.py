@@ -189,17 +189,21 @@ def _locate(url: str) -> tuple[S3Checkpoints, str]:
 
 def fetch_checkpoint(url: str, cache: Path | None = None) -> Checkpoint:
     """The local copy of the checkpoint ``url`` names (`_locate`), downloaded and verified
-    into the cache (a verified earlier copy is reused); a one-line CheckpointError for a
-    missing bucket, an unreachable store or no complete checkpoint."""
+    into the cache (an earlier copy is reused when its manifest is the store's and it still
+    verifies); a one-line CheckpointError for a missing bucket, an unreachable store or no
+    complete checkpoint."""
     split_url(url)  # a malformed URL is one line before any connection
     try:
         store, name = _locate(url)
         local = (cache or cache_dir()) / "s3" / store.bucket / store.prefix
-        if (local / name / MANIFEST).exists():
-            try:
-                return verify_checkpoint(local / name)
-            except CheckpointError:
-                pass  # a damaged cached copy: download it again
+        cached = local / name / MANIFEST
+        if cached.exists():
+            stored = store.client.get_object(Bucket=store.bucket, Key=store._key(name, MANIFEST))
+            if stored["Body"].read() == cached.read_bytes():  # not a re-written same step
+                try:
+                    return verify_checkpoint(local / name)
+                except CheckpointError:
+                    pass  # a damaged cached copy: download it again
         return store.download_verified(name, local)
     except CheckpointError:
         raise
