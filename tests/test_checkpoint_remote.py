@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -153,64 +152,49 @@ def test_an_unreachable_store_stops_the_run_with_one_line(server, tiny_data, tmp
         Trainer(cfg).fit()  # the store is still down
 
 
-def node_ranks(args: list[str], run_dirs: list[Path]) -> list[subprocess.Popen]:
-    """One `hybridtron train` process per rank, rank r with run directory ``run_dirs[r]``:
-    one directory for all is one node; one each is nodes without a shared volume. The
-    variables are set as our launcher and torchrun set them, LOCAL_RANK numbered on this host
-    (mosaicml-streaming's shared memory is per host); the trainer tells staging directories
-    apart by host and path, not by LOCAL_RANK."""
-    import os
-
-    from launch.spawn import free_port
-    from tests.conftest import REPO
-
-    port = str(free_port())
-    procs = []
-    for rank, run_dir in enumerate(run_dirs):
-        world = str(len(run_dirs))
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": world, "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": world, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "OMP_NUM_THREADS": "1"}  # fmt: skip
-        cmd = [sys.executable, "-m", "launch.cli", "train", *args, f"trainer.run_dir={run_dir}"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    return procs
-
-
-def run_ranks(procs: list[subprocess.Popen]) -> list[str]:
-    """Each rank's output once all exited 0 (killed after two minutes)."""
-    try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(o[-3000:] for o in outs)
-    return outs
-
-
 def test_two_nodes_without_a_shared_volume_checkpoint_to_and_resume_from_the_store(
     server, tiny_data, tmp_path
 ):
-    """Two ranks on two "nodes" (own run directories, no shared volume): each stages its
-    part and uploads it, rank 0 commits the manifest; on resume each node downloads the
-    store's newest checkpoint, and the losses continue as the uninterrupted run's."""
-    from tests.conftest import logged_losses, tiny_run_args
+    """Two ranks (tests/store_nodes_worker.py) train 4 steps staging in one run directory,
+    step 4 is removed from the store, then they resume with a run directory each ("nodes"
+    without a shared volume): each node downloads step 2, stages its part of step 4 and
+    uploads it, rank 0 commits the manifest; the losses are the uninterrupted run's."""
+    import os
+
+    from launch.spawn import free_port
+    from tests.conftest import REPO, logged_losses, tiny_run_args
 
     store = S3Checkpoints("s3://ckpts/nodes")
     store.client.create_bucket(Bucket="ckpts")
-    url = "trainer.checkpoint_dir=s3://ckpts/nodes"
-    whole = tmp_path / "whole"  # one node, two ranks: the reference and the step-2 checkpoint
-    args = tiny_run_args(tiny_data, whole, url)
-    outs = run_ranks(node_ranks(args, [whole, whole]))
-    assert "node-local staging" not in outs[0]  # one staging directory: rank 0 stages
-    assert store.complete() == ["step_00000002", "step_00000004"]
-    for key in store._objects("step_00000004"):  # as if the job died before uploading step 4
-        store.client.delete_object(Bucket="ckpts", Key=key)
-    nodes = [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
-    outs = run_ranks(node_ranks(args, nodes))
-    assert "[checkpoint] 2 node-local staging directories" in outs[0]
-    assert outs[0].count("[resume] downloading s3://ckpts/nodes/step_00000002") == 1
-    assert "hybridtron eval s3://ckpts/nodes/step_00000004" in outs[0]  # the store's copy
+    whole, nodes = tmp_path / "whole", [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
+    args = tiny_run_args(tiny_data, whole, "trainer.checkpoint_dir=s3://ckpts/nodes")
+    port, procs = str(free_port()), []
+    for rank, node in enumerate(nodes):  # LOCAL_RANK numbered on this host, as streaming's
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }  # fmt: skip  (shared memory is per host)
+        cmd = [sys.executable, "-m", "tests.store_nodes_worker", str(whole), str(node),
+               "step_00000004", *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    first, second = outs[0].split("[worker] run done")[:2]
+    assert "node-local staging" not in first  # one run directory: rank 0 stages for both
+    assert "[checkpoint] 2 node-local staging directories" in second
+    assert second.count("[resume] downloading s3://ckpts/nodes/step_00000002") == 1
+    assert "hybridtron eval s3://ckpts/nodes/step_00000004" in second  # only the store has it
     assert "[resume]" not in outs[1]  # rank 1 prints nothing, but its node has the download:
     assert verify_checkpoint(nodes[1] / "checkpoints" / "step_00000002").step == 2
     want = logged_losses(whole)
