@@ -14,13 +14,17 @@ from pathlib import Path
 
 from arch.registry import UserError
 
+CKPT_HELP = (
+    "checkpoint directory, run directory (its newest), s3://bucket/prefix (the store's newest "
+    "complete checkpoint) or s3://bucket/prefix/step_N (downloaded, verified, cached)"
+)
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: tells a scheduler the job did not finish
 
 MAIN_HELP = """hybridtron: pre-train hybrid (Mamba + attention + MoE) and optimizer-inspired LMs.
 
   hybridtron train [CONFIG] [key=value ...]      train (resumes from the newest checkpoint)
         [--nproc-per-node N]                     ... as N processes: parallel.tensor/pipeline/zero_stage
-  hybridtron eval CKPT                           held-out loss of a checkpoint
+  hybridtron eval CKPT                           held-out loss of a checkpoint (a directory or s3://)
   hybridtron generate CKPT --prompt TEXT         sample text (greedy or top-p)
   hybridtron prepare-data [INPUT ...] --output DIR  files or a corpus -> tokenized MDS shards
   hybridtron train-tokenizer [INPUT ...] --output DIR   train a byte-level BPE tokenizer
@@ -85,9 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="held-out loss of a checkpoint",
         description="Evaluate a checkpoint on the held-out split of its data.",
     )
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
-    )
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument(
         "--data", metavar="PATH", help="prepared data directory (default: the run's data.path)"
     )
@@ -104,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a checkpoint",
         description="Generate text from a checkpoint: greedy by default, nucleus with --top-p.",
     )
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
-    )
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument(
@@ -157,9 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a checkpoint of the same model with every PC-layer projection merged "
         "into a plain weight (model.preconditioner.name=none): same outputs, no overhead.",
     )
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
-    )
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("out", metavar="OUT", help="new run directory for the merged checkpoint")
 
     p = sub.add_parser(
@@ -171,9 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "position and tokenizer. eval, generate, trainer.resume_from and load_pretrained take "
         "it, for any plugin's model (export-hf needs a Hugging Face family).",
     )
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
-    )
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("out", metavar="OUT", help="new (or empty) run directory")
 
     p = sub.add_parser(
@@ -193,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(AutoModelForCausalLM): Llama for '*-' patterns, Mixtral for '*E', Jamba when Mamba "
         "layers are present.",
     )
-    p.add_argument(
-        "checkpoint", metavar="CKPT", help="checkpoint directory or run directory (newest)"
-    )
+    p.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     p.add_argument("out", metavar="OUT", help="output directory")
 
     p = sub.add_parser(
@@ -207,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chk = p.add_subparsers(dest="checkpoint_command", metavar="convert")
     c = chk.add_parser("convert", help="write CKPT's model as one file or a Hugging Face model")
-    c.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
+    c.add_argument("checkpoint", metavar="CKPT", help=CKPT_HELP)
     c.add_argument("--to", required=True, choices=["safetensors", "torch", "hf"])
     c.add_argument("out", metavar="OUT", help="new file (safetensors, torch) or directory (hf)")
 
@@ -514,6 +508,9 @@ def rerun_commands(command: Sequence[str], cfg) -> tuple[str, str]:
 def _print_summary(cfg, result, command: Sequence[str]) -> None:
     run = result.run_dir
     ckpt = result.last_checkpoint or result.resumed_from  # a resumed run may have had no step
+    store = cfg.trainer.checkpoint_dir or ""
+    if ckpt is not None and store.startswith("s3://") and not Path(ckpt).exists():
+        ckpt = f"{store.rstrip('/')}/{Path(ckpt).name}"  # node-local staging: only the store has it
     last_loss = result.losses[max(result.losses)] if result.losses else float("nan")
     resume, longer = rerun_commands(command, cfg)
     head = "Pre-empted" if result.preempted else "Done"

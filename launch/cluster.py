@@ -65,6 +65,11 @@ class ClusterConfig:
     dashboard_port: int = 8265  # dashboard / Jobs API port: hybridtron submit --address
     env: dict[str, str] = field(default_factory=default_env)  # set on every node and worker
     storage: str = ""  # shared path every node sees for the run directory ("" = trainer.run_dir)
+    # With checkpoints in an object store (launch.storage / trainer.checkpoint_dir = s3://...):
+    # the Kubernetes Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally
+    # AWS_DEFAULT_REGION, AWS_ENDPOINT_URL) every pod gets as environment variables (KubeRay).
+    storage_secret: str = "hybridtron-s3"
+    storage_endpoint: str = ""  # an S3-compatible store's URL (AWS_ENDPOINT_URL); "" = AWS
     setup: str = "source .venv/bin/activate"  # shell line that activates hybridtron on a node
     head_ip: str = ""  # ray-launcher: the head's address ("" = a placeholder to edit)
     worker_ips: list[str] = field(default_factory=list)  # ray-launcher: nodes - 1 addresses
@@ -84,6 +89,17 @@ def validate_cluster_config(c: ClusterConfig) -> None:
             "cluster.job_name",
             f"{c.job_name!r} must be lower-case letters, digits and '-' (a Kubernetes name, "
             "at most 47 characters)",
+        )
+    if not _K8S_NAME.fullmatch(c.storage_secret) or len(c.storage_secret) > 253:
+        raise ConfigError(
+            "cluster.storage_secret",
+            f"{c.storage_secret!r} must be a Kubernetes Secret name (lower-case letters, digits "
+            "and '-')",
+        )
+    if c.storage_endpoint and not re.fullmatch(r"https?://\S+", c.storage_endpoint):
+        raise ConfigError(
+            "cluster.storage_endpoint",
+            f"{c.storage_endpoint!r} must be an http(s):// URL (the S3-compatible store's)",
         )
     for name in c.env:
         if not _ENV_NAME.fullmatch(name):
@@ -144,16 +160,45 @@ def _slurm_values(cfg: JobConfig, config: str | None, overrides: list[str]) -> d
     }
 
 
+def object_store(cfg: JobConfig) -> str:
+    """The s3:// URL the run's checkpoints go to ("" = none: they stay in trainer.run_dir)."""
+    where = cfg.trainer.checkpoint_dir or ""
+    return where if where.startswith("s3://") else ""
+
+
+SHARED_VOLUME_NOTE = """\
+#   - checkpoints: trainer.run_dir must be on a volume every pod mounts (add it under volumes /
+#     volumeMounts, then cluster.storage=<its mount path>)"""
+
+OBJECT_STORE_NOTE = """\
+#   - checkpoints: in the object store {url}
+#     (each pod keeps its run directory on its own disk: no shared volume). Every pod reads
+#     the store's credentials from the Secret {secret} (cluster.storage_secret), made once:
+#       kubectl create secret generic {secret} -n {namespace} \\
+#         --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...
+#     (add AWS_DEFAULT_REGION, or AWS_ENDPOINT_URL for an S3-compatible store, as keys there
+#     or as cluster.storage_endpoint)"""
+
+
 def _kuberay_values(cfg: JobConfig, config: str | None, overrides: list[str]) -> dict[str, object]:
     c = cfg.cluster
     env = [f"- name: {k}\n  value: {_q(v)}" for k, v in c.env.items()]
     address = f"http://127.0.0.1:{c.dashboard_port}"  # the entrypoint runs on the head pod
+    url = object_store(cfg)
+    env_from, note = "", SHARED_VOLUME_NOTE
+    if url:  # every pod (Ray Train workers inherit the pod's environment) reaches the store
+        env_from = f"envFrom:\n  - secretRef:\n      name: {_q(c.storage_secret)}"
+        note = OBJECT_STORE_NOTE.format(url=url, secret=c.storage_secret, namespace=c.namespace)
+        if c.storage_endpoint:
+            env.append(f"- name: AWS_ENDPOINT_URL\n  value: {_q(c.storage_endpoint)}")
     return {
         "job_name": c.job_name,
         "namespace": _q(c.namespace),
         "image": _q(c.image),
         "memory": _q(c.memory),
         "container_env": "\n".join(env) or "[]",
+        "env_from": env_from,
+        "storage_note": note,
         "entrypoint": _q(job_command(cfg, config, overrides, address)),
     }
 

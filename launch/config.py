@@ -26,7 +26,11 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 class LaunchConfig:
     nproc_per_node: int = 1  # local processes (torchrun semantics); --nproc-per-node N
     max_failures: int = 3  # hybridtron submit: worker-group restarts from the newest checkpoint
-    storage: str = ""  # a directory every node sees; when set, run_dir = <storage>/<run name>
+    # Where the run's durable files go. A directory every node sees: run_dir = <storage>/<run
+    # name>. Or s3://bucket/prefix (S3 or an S3-compatible store at AWS_ENDPOINT_URL): run_dir
+    # stays node-local and checkpoints go to s3://bucket/prefix/<run name>/checkpoints (an
+    # explicit s3:// trainer.checkpoint_dir wins; a local one contradicts it).
+    storage: str = ""
 
 
 @dataclass
@@ -160,17 +164,41 @@ def load_config(
 
 
 def apply_storage(cfg: JobConfig) -> None:
-    """With launch.storage set, the run directory is ``<storage>/<run name>`` (idempotent)."""
+    """Apply launch.storage (idempotent): a directory makes the run directory
+    ``<storage>/<run name>``; an ``s3://bucket/prefix`` URL leaves the run directory node-local
+    and puts the checkpoints in the store."""
     storage = cfg.launch.storage
     if not storage:
         return
-    if "://" in storage:
+    if "://" not in storage:
+        cfg.trainer.run_dir = str(Path(storage) / Path(cfg.trainer.run_dir).name)
+        return
+    url = storage_url(storage)
+    name = Path(cfg.trainer.run_dir).name
+    where = cfg.trainer.checkpoint_dir
+    if where and not where.startswith("s3://"):
         raise ConfigError(
-            "launch.storage",
-            f"{storage!r}: object-store URIs are not supported; give a directory that every "
-            "node sees (NFS, Lustre, a mounted bucket)",
+            "trainer.checkpoint_dir",
+            f"{where!r} contradicts launch.storage={storage} (checkpoints in the store); drop "
+            "one of them",
         )
-    cfg.trainer.run_dir = str(Path(storage) / Path(cfg.trainer.run_dir).name)
+    if not where:  # an explicit s3:// checkpoint_dir is the user's exact choice: it wins
+        cfg.trainer.checkpoint_dir = f"{url}/{name}/checkpoints"
+
+
+def storage_url(storage: str) -> str:
+    """``s3://bucket/prefix`` without a trailing slash, or one ConfigError naming the fix."""
+    fix = (
+        "give s3://bucket/prefix (S3, or an S3-compatible store at AWS_ENDPOINT_URL) or a "
+        "directory every node sees"
+    )
+    scheme = storage.partition("://")[0]
+    if scheme != "s3":
+        raise ConfigError("launch.storage", f"{storage!r}: {scheme}:// is not supported; {fix}")
+    bucket = storage[len("s3://") :].split("/", 1)[0]
+    if not bucket:
+        raise ConfigError("launch.storage", f"{storage!r} names no bucket; {fix}")
+    return storage.rstrip("/")
 
 
 def validate_job_config(cfg: JobConfig, world_size: int | None = None) -> None:

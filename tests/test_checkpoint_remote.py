@@ -150,3 +150,103 @@ def test_an_unreachable_store_stops_the_run_with_one_line(server, tiny_data, tmp
     verify_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000002")
     with pytest.raises(CheckpointError, match="cannot read the checkpoint store s3://ckpts/job"):
         Trainer(cfg).fit()  # the store is still down
+
+
+def test_two_nodes_without_a_shared_volume_checkpoint_to_and_resume_from_the_store(
+    server, tiny_data, tmp_path
+):
+    """Two ranks (tests/store_nodes_worker.py) train 4 steps staging in one run directory,
+    step 4 is removed from the store, then they resume with a run directory each ("nodes"
+    without a shared volume): each node downloads step 2, stages its part of step 4 and
+    uploads it, rank 0 commits the manifest; the losses are the uninterrupted run's."""
+    import os
+
+    from launch.spawn import free_port
+    from tests.conftest import REPO, logged_losses, tiny_run_args
+
+    store = S3Checkpoints("s3://ckpts/nodes")
+    store.client.create_bucket(Bucket="ckpts")
+    whole, nodes = tmp_path / "whole", [tmp_path / "node0" / "run", tmp_path / "node1" / "run"]
+    args = tiny_run_args(tiny_data, whole, "trainer.checkpoint_dir=s3://ckpts/nodes")
+    port, procs = str(free_port()), []
+    for rank, node in enumerate(nodes):  # LOCAL_RANK numbered on this host, as streaming's
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }  # fmt: skip  (shared memory is per host)
+        cmd = [sys.executable, "-m", "tests.store_nodes_worker", str(whole), str(node),
+               "step_00000004", *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    first, second = outs[0].split("[worker] run done")[:2]
+    assert "node-local staging" not in first  # one run directory: rank 0 stages for both
+    assert "[checkpoint] 2 node-local staging directories" in second
+    assert second.count("[resume] downloading s3://ckpts/nodes/step_00000002") == 1
+    assert "hybridtron eval s3://ckpts/nodes/step_00000004" in second  # only the store has it
+    assert "[resume]" not in outs[1]  # rank 1 prints nothing, but its node has the download:
+    assert verify_checkpoint(nodes[1] / "checkpoints" / "step_00000002").step == 2
+    want = logged_losses(whole)
+    assert logged_losses(nodes[0]) == {s: want[s] for s in (3, 4)}
+    # Step 4 went up in two parts (rank 1's RNG from node 1), the staging copies are gone.
+    assert store.complete() == ["step_00000002", "step_00000004"]
+    got = store.download("step_00000004", tmp_path / "fetched")
+    assert {"rng-rank0.pt", "rng-rank1.pt"} <= {p.name for p in got.iterdir()}
+    assert not list((nodes[1] / "checkpoints").glob("step_00000004*"))
+
+
+def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
+    server, tiny_data, tmp_path, monkeypatch, capsys
+):
+    """`eval s3://...` (a prefix: its newest complete checkpoint; or .../step_N) gives the
+    local copy's loss; generate, export-hf and checkpoint convert take the URL too; a missing
+    bucket, an incomplete checkpoint and a store that is down are one line each."""
+    from launch.cli import main
+
+    monkeypatch.setenv("HYBRIDTRON_CACHE", str(tmp_path / "cache"))
+    S3Checkpoints("s3://ckpts/e").client.create_bucket(Bucket="ckpts")
+    cfg = tiny_config(tmp_path / "run", tiny_data, max_steps=2, checkpoint_dir="s3://ckpts/e")
+    Trainer(cfg).fit()
+
+    def loss_of(source: str) -> str:
+        assert main(["eval", source]) == 0
+        return capsys.readouterr().out.split("held-out loss ")[1]
+
+    local = loss_of(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
+    assert loss_of("s3://ckpts/e") == local
+    weights = tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert loss_of("s3://ckpts/e/step_00000002/") == local
+    assert weights.stat().st_mtime_ns == stamp  # the cached copy, verified, reused
+    weights.write_bytes(weights.read_bytes()[:-8])  # damaged: downloaded again
+    assert loss_of("s3://ckpts/e") == local and weights.stat().st_mtime_ns != stamp
+    assert main(["generate", "s3://ckpts/e", "--prompt", "def ", "--max-new-tokens", "3"]) == 0
+    assert main(["export-hf", "s3://ckpts/e", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    out = str(tmp_path / "model.safetensors")
+    assert main(["checkpoint", "convert", "s3://ckpts/e", "--to", "safetensors", out]) == 0
+    capsys.readouterr()
+    for source, problem in (
+        ("s3://nobucket/x", "cannot read the checkpoint store s3://nobucket/x (NoSuchBucket"),
+        ("s3://ckpts/e/step_00000009", "is not a complete checkpoint in the store"),
+        ("s3://ckpts/none", "holds no complete hybridtron checkpoint"),
+    ):
+        assert main(["eval", source]) == 1
+        err = capsys.readouterr().err.strip()
+        assert problem in err and "\n" not in err, err
+    server.kill()
+    server.wait()
+    assert main(["eval", "s3://ckpts/elsewhere"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot read the checkpoint store" in err and "AWS_ENDPOINT_URL" in err, err

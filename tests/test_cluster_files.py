@@ -85,6 +85,43 @@ def test_kuberay_rayjob(nodes):
     assert {p["name"]: p["containerPort"] for p in head["ports"]}["dashboard"] == 8265
 
 
+@pytest.mark.parametrize(
+    "store",
+    [
+        ("launch.storage=s3://bkt/runs", "cluster.storage_endpoint=http://minio:9000"),
+        ("trainer.checkpoint_dir=s3://bkt/exp", "cluster.storage_secret=team-s3"),
+    ],
+)
+def test_kuberay_rayjob_with_an_object_store_needs_no_shared_volume(store):
+    """Checkpoints in a store: every pod gets the Secret's AWS_* variables (envFrom) and the
+    endpoint, no volume but /dev/shm, the job carries the storage setting; without a store
+    the render has none of it."""
+    text = rendered("kuberay", 4, *store)
+    job = yaml.safe_load(text)
+    assert store[0] in job["spec"]["entrypoint"]
+    secret = "team-s3" if "cluster.storage_secret=team-s3" in store else "hybridtron-s3"
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]]
+    for pod in pods:
+        spec = pod["template"]["spec"]
+        (container,) = spec["containers"]
+        assert container["envFrom"] == [{"secretRef": {"name": secret}}]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        if "minio" in store[1]:
+            assert env["AWS_ENDPOINT_URL"] == "http://minio:9000"
+        assert [v["name"] for v in spec["volumes"]] == ["dshm"]  # no shared volume
+        assert all("persistentVolumeClaim" not in v for v in spec["volumes"])
+        assert [m["mountPath"] for m in container["volumeMounts"]] == ["/dev/shm"]
+    assert f"kubectl create secret generic {secret}" in text
+    plain = yaml.safe_load(rendered("kuberay", 4))["spec"]["rayClusterSpec"]
+    for pod in plain["headGroupSpec"], plain["workerGroupSpecs"][0]:
+        container = pod["template"]["spec"]["containers"][0]
+        assert "envFrom" not in container
+        assert "AWS_ENDPOINT_URL" not in {e["name"] for e in container["env"]}
+    with pytest.raises(ConfigError, match="cluster.storage_endpoint"):
+        rendered("kuberay", 1, store[0], "cluster.storage_endpoint=minio:9000")
+
+
 @pytest.mark.parametrize("nodes", [1, 4])
 def test_ray_cluster_launcher(nodes):
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -595,3 +595,25 @@ def test_pattern_symbol_without_a_registered_plugin_is_a_config_error():
         load_config(None, ["model.pattern=*-", "model.symbols={-: no_such_ffn}"])
     assert err.value.key == "model.pattern"
     assert "no_such_ffn" in str(err.value)
+
+
+def test_launch_storage_s3_puts_the_checkpoints_in_the_store():
+    """launch.storage=s3://...: the run directory stays (node-local), the checkpoints go to
+    <storage>/<run name>/checkpoints; an explicit s3:// checkpoint_dir wins, a local one is a
+    contradiction; other schemes and a missing bucket are one line each."""
+    base = ["trainer.run_dir=runs/exp1"]
+    cfg = load_config(None, [*base, "launch.storage=s3://bkt/team/"], note=None)
+    assert cfg.trainer.run_dir == "runs/exp1"
+    assert cfg.trainer.checkpoint_dir == "s3://bkt/team/exp1/checkpoints"
+    mine = "trainer.checkpoint_dir=s3://other/x"
+    cfg = load_config(None, [*base, "launch.storage=s3://bkt/team", mine], note=None)
+    assert cfg.trainer.checkpoint_dir == "s3://other/x"
+    for overrides, pattern in (
+        (["launch.storage=s3://bkt", "trainer.checkpoint_dir=/local"], "contradicts"),
+        (["launch.storage=s3:///prefix"], "launch.storage.*names no bucket.*s3://bucket/prefix"),
+        (["launch.storage=gs://bkt/x"], "launch.storage.*gs:// is not supported"),
+        (["trainer.checkpoint_dir=gs://bkt/x"], "trainer.checkpoint_dir.*s3://bucket/prefix"),
+    ):
+        with pytest.raises(ConfigError, match=pattern) as info:
+            load_config(None, [*base, *overrides], note=None)
+        assert "\n" not in str(info.value)

@@ -248,5 +248,5 @@ def test_launch_storage_sets_the_run_directory(tmp_path):
 
     cfg = load_config(None, ["trainer.run_dir=runs/exp1", f"launch.storage={tmp_path}"])
     assert cfg.trainer.run_dir == str(tmp_path / "exp1") and cfg.launch.max_failures == 3
-    with pytest.raises(ConfigError, match="launch.storage.*a directory that every node sees"):
-        load_config(None, ["launch.storage=s3://bucket/runs"])
+    with pytest.raises(ConfigError, match="launch.storage.*gs:// is not supported.*s3://"):
+        load_config(None, ["launch.storage=gs://bucket/runs"])

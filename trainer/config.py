@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from arch.config import ModelConfig, validate_model_config
@@ -137,6 +138,12 @@ def clamp_warmup(cfg: RunConfig) -> str | None:
 
 def validate_trainer_config(cfg: RunConfig, world_size: int = 1) -> None:
     t, o, p = cfg.trainer, cfg.optim, cfg.parallel
+    where = t.checkpoint_dir or ""
+    if "://" in where and not re.fullmatch(r"s3://[^/]+(/.*)?", where):
+        raise ConfigError(
+            "trainer.checkpoint_dir",
+            f"{where!r} is not a directory or an s3://bucket/prefix URL; give one of those",
+        )
     positive = {
         "trainer.max_steps": t.max_steps,
         "trainer.seq_len": t.seq_len,

@@ -7,12 +7,15 @@ position; so N steps equal N/2 steps + resume + N/2 steps, bit for bit (fp32, sa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ from data_pipeline.prepare import MANIFEST
 from trainer import checkpoint as ckpt
 from trainer import exit_codes
 from trainer.checkpoint.background import BackgroundSave
+from trainer.checkpoint.format import FORMAT, manifest_of, tmp_dir
 from trainer.checkpoint.remote import S3Checkpoints, is_remote
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.launch_dir import PREEMPT_NOTICE, launch_file, note_reported
@@ -177,6 +181,10 @@ class Trainer:
         remote = where is not None and is_remote(where)
         self.checkpoints_dir = Path(where) if where and not remote else self.run_dir / "checkpoints"
         self.remote = S3Checkpoints(where) if remote else None
+        # Which ranks stage checkpoints (`_find_stagers`): decided at the first checkpoint
+        # operation, a collective. Without a store, rank 0 as always.
+        self._stager: bool | None = None if remote and self.grid.world > 1 else self.main
+        self._per_node = False  # the store is the only place a whole checkpoint exists
         self._background: BackgroundSave | None = None  # the checkpoint being written, if any
         self.accum = grad_accumulation_steps(cfg, world_size=self.grid.world)
 
@@ -226,28 +234,111 @@ class Trainer:
             )
         return None
 
+    def _find_stagers(self) -> None:
+        """Which ranks stage checkpoints for the store (collective; once per run).
+
+        Ranks whose staging directory is the same (one node's disk, or a file system they all
+        mount) need one copy of a checkpoint there, written and fetched by one rank: the
+        lowest rank of each (host, staging path) group, unless it sees rank 0's staging too
+        (a shared file system, checked through a file rank 0 writes). Several stagers mean
+        node-local staging: each stages and uploads its node's part and only the store holds
+        whole checkpoints."""
+        if self._stager is not None:
+            return
+        self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        key = (socket.gethostname(), str(self.checkpoints_dir.resolve()))
+        mark = uuid.uuid4().hex if self.main else None
+        seen = self.grid.gather((key, mark), "find the ranks that share a staging directory")
+        first = min(r for r, (k, _) in enumerate(seen) if k == key)
+        token = self.checkpoints_dir / f".staging-{seen[0][1]}"  # a new name: no stale lookup
+        if self.main:
+            token.write_text("rank 0")
+        self.grid.barrier("share rank 0's staging mark")
+        shares_main = token.exists()
+        self._stager = first == self.grid.rank and (self.main or not shares_main)
+        stagers = self.grid.gather(self._stager, "count the staging directories")
+        self._per_node = sum(stagers) > 1
+        if self.main:
+            token.unlink()
+            if self._per_node:
+                self.log(f"[checkpoint] {sum(stagers)} node-local staging directories")
+
     def _fetch_remote(self) -> None:
-        """With an object store and no local checkpoint newer than its newest complete one,
-        rank 0 downloads that one into the staging directory (then every rank reads it there:
-        a shared file system, or one node)."""
+        """With an object store: rank 0 finds its newest complete checkpoint, and each
+        staging directory without that one (or a newer) gets it downloaded by its stager (one
+        rank per node, or rank 0 alone over a shared file system); the other ranks wait."""
         if self.remote is None:
             return
+        self._find_stagers()
+        newest, failure = None, None
         if self.main:
             try:
                 done = self.remote.complete()
-                local = ckpt.completed_checkpoints(self.checkpoints_dir)
-                if done and (not local or local[-1].name < done[-1]):
-                    self.log(f"[resume] downloading {self.remote.url}/{done[-1]}")
-                    self.remote.download(done[-1], self.checkpoints_dir)
-            except ckpt.CheckpointError:
-                raise
+                newest = done[-1] if done else None
             except Exception as exc:  # botocore's errors: connection, credentials, bucket
-                cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                raise ckpt.CheckpointError(
-                    f"cannot read the checkpoint store {self.remote.url} ({cause}); check "
-                    f"AWS_ENDPOINT_URL, the credentials and the bucket"
-                ) from None
-        self.grid.barrier("wait for the checkpoint download")
+                failure = self._store_failure(exc)
+        newest, failure = self.grid.gather((newest, failure), "share the store's newest")[0]
+        if failure is None and newest is not None and self._stager:
+            try:
+                local = ckpt.completed_checkpoints(self.checkpoints_dir)
+                if not local or local[-1].name < newest:
+                    self.log(f"[resume] downloading {self.remote.url}/{newest}")
+                    self.remote.download(newest, self.checkpoints_dir)
+            except ckpt.CheckpointError as exc:
+                failure = str(exc)
+            except Exception as exc:
+                failure = self._store_failure(exc)
+        failed = [f for f in self.grid.gather(failure, "wait for the checkpoint download") if f]
+        if failed:
+            if not self.main:
+                raise PeerReported(failed[0])
+            raise ckpt.CheckpointError(failed[0])
+
+    def _store_failure(self, exc: Exception) -> str:
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        assert self.remote is not None
+        return (
+            f"cannot read the checkpoint store {self.remote.url} ({cause}); check "
+            f"AWS_ENDPOINT_URL, the credentials and the bucket"
+        )
+
+    def _upload_per_node(self, module: TrainModule, step: int, known: dict[str, dict]) -> None:
+        """Node-local staging: each stager uploads its node's part of ``step_N.tmp`` and
+        removes it; rank 0 then writes the manifest of every part to the store (the complete
+        marker), points ``latest`` at it and prunes the store. A failure stops every rank
+        with one line; the store's previous checkpoints stay complete."""
+        assert self.remote is not None
+        name, tmp = ckpt.step_dir_name(step), tmp_dir(self.checkpoints_dir, step)
+        failure, files = None, {}
+        if self._stager:
+            try:
+                files = manifest_of(tmp, step, None, known)["files"]
+                self.remote.upload_files(tmp, name, sorted(files))
+            except Exception as exc:  # botocore's errors: connection, credentials, bucket
+                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        parts = self.grid.gather((files, failure), f"share checkpoint {step}'s parts")
+        failure = next((f for _, f in parts if f), None)
+        if failure is None and self.main:
+            files = dict(sorted((k, v) for part, _ in parts for k, v in part.items()))
+            manifest: dict = {"format": FORMAT, "step": step, "files": files}
+            if module.checkpoint_layout is not None:
+                manifest["layout"] = module.checkpoint_layout
+            try:
+                self.remote.commit(name, json.dumps(manifest, indent=2).encode())
+                self.remote.prune(self.cfg.trainer.keep_checkpoints)
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        failed = [f for f in self.grid.gather(failure, f"commit checkpoint {step}") if f]
+        if self._stager:  # the parts are in the store, or the checkpoint is abandoned
+            shutil.rmtree(tmp, ignore_errors=True)
+            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
+        if failed:
+            raise ckpt.CheckpointWriteError(
+                f"uploading checkpoint {name} to {self.remote.url} failed ({failed[0]}); the "
+                f"store's previous checkpoints are intact. Fix the store (endpoint, "
+                f"credentials, bucket), then run the same command: it resumes from the newest "
+                f"of them"
+            )
 
     def _upload(self, module: TrainModule, step: int) -> None:
         """Rank 0 uploads completed checkpoint ``step`` and prunes the store; a failure stops
@@ -552,7 +643,7 @@ class Trainer:
         state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
         tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
         preemption.writing = tmp  # a second signal mid-write removes it (a failure ends the run)
-        self._agree_written(module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+        self._begin(module, step)
 
         def write_state() -> None:
             module.save_state(tmp)
@@ -560,13 +651,30 @@ class Trainer:
                 ckpt.write_shared(tmp, state, config_yaml(self.cfg), self.tokenizer.save)
 
         self._agree_written(module, step, write_state, every_rank=True)
+        preemption.writing = None
+        return self._complete(module, step, {})
+
+    def _begin(self, module: TrainModule, step: int) -> None:
+        """A fresh ``step_N.tmp`` in every staging directory (rank 0's alone unless staging
+        is node-local: `_find_stagers`)."""
+        self._find_stagers()
+        self._agree_written(
+            module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step), self._stager
+        )
+
+    def _complete(self, module: TrainModule, step: int, known: dict[str, dict]) -> Path:
+        """Complete written checkpoint ``step`` (``known``: hashes the writers computed):
+        locally then in the store, or, with node-local staging, in the store only."""
+        if self._per_node:
+            self._upload_per_node(module, step, known)
+            return self.checkpoints_dir / ckpt.step_dir_name(step)
 
         def finish() -> None:
-            ckpt.finish_checkpoint(self.checkpoints_dir, step, module.checkpoint_layout)
+            layout = module.checkpoint_layout
+            ckpt.finish_checkpoint(self.checkpoints_dir, step, layout, known)
             ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
 
         self._agree_written(module, step, finish)
-        preemption.writing = None
         self._upload(module, step)
         return self.checkpoints_dir / ckpt.step_dir_name(step)
 
@@ -575,7 +683,7 @@ class Trainer:
         background thread; `_finish_background` completes it once every rank's writer is done."""
         state = {"step": step, "tokens": tokens, "rng": rng_state(), "data": loader.state_dict()}
         tmp = self.checkpoints_dir / (ckpt.step_dir_name(step) + ".tmp")
-        self._agree_written(module, step, lambda: ckpt.begin_checkpoint(self.checkpoints_dir, step))
+        self._begin(module, step)
         write_rank = module.prepare_save(copy=True)
         yaml, tokenizer = config_yaml(self.cfg), self.tokenizer.save
 
@@ -598,21 +706,14 @@ class Trainer:
         known: dict[str, dict] = {}
         for hashes in self.grid.gather(background.hashes, f"share checkpoint {step}'s hashes"):
             known.update(hashes)
-
-        def finish() -> None:
-            layout = module.checkpoint_layout
-            ckpt.finish_checkpoint(self.checkpoints_dir, step, layout, known)
-            ckpt.prune_checkpoints(self.checkpoints_dir, self.cfg.trainer.keep_checkpoints)
-
-        self._agree_written(module, step, finish)
-        self._upload(module, step)
-        return self.checkpoints_dir / ckpt.step_dir_name(step)
+        return self._complete(module, step, known)
 
     def _agree_written(
-        self, module: TrainModule, step: int, write, every_rank: bool = False
+        self, module: TrainModule, step: int, write, every_rank: bool | None = False
     ) -> None:
-        """Run ``write`` (on rank 0 only unless ``every_rank``), then stop every rank if it
-        failed on any: rank 0 removes the partial checkpoint and reports the failure."""
+        """Run ``write`` (on rank 0 only unless ``every_rank``: True, or whether this rank
+        should), then stop every rank if it failed on any: rank 0 removes the partial
+        checkpoint and reports the failure."""
         failure = None
         if every_rank or self.main:
             try:

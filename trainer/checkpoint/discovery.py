@@ -54,7 +54,12 @@ def is_checkpoint_source(path: Path) -> bool:
 
 def resolve_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint directory, a run's checkpoints/ directory, or a run directory (-> its
-    newest checkpoint), verified; a CheckpointError (one line) when there is none."""
+    newest checkpoint), verified, or an ``s3://`` URL of one or of a store prefix (downloaded
+    into the cache: `remote.fetch_checkpoint`); a CheckpointError (one line) when there is none."""
+    if str(path).startswith("s3://"):
+        from trainer.checkpoint.remote import fetch_checkpoint
+
+        return fetch_checkpoint(str(path))
     p = Path(path)
     if is_complete(p) or not p.exists():
         return verify_checkpoint(p)

@@ -36,7 +36,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> HybridLM:
     """An eval-mode model from a hybridtron checkpoint / run directory or a Hugging Face
-    directory (a family of `arch.hf`); ``model(input_ids)`` returns logits [B, T, vocab]."""
+    directory (a family of `arch.hf`), or an ``s3://`` URL of a stored checkpoint;
+    ``model(input_ids)`` returns logits [B, T, vocab]."""
+    if str(path).startswith("s3://"):
+        return load_model(str(path), device).model
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
