@@ -111,11 +111,12 @@ def test_plan_cli_table_explain_and_json(capsys):
 
 
 def test_plan_says_how_many_gpus_would_fit(capsys):
-    """52B parameters with fp32 AdamW state need more than 8 x 80 GB."""
-    assert main(["plan", "jamba_52b", "--gpus", "8"]) == 1
+    """1.1B parameters with fp32 AdamW state (18 GB) and activations need more than one 16 GiB
+    device; two fit."""
+    assert main(["plan", "jamba_1b", "--gpus", "1", "--gpu-memory-gib", "16"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "no layout fits 8 x 80 GiB" in err[0] and "GPUs would fit" in err[0]
+    assert "no layout fits 1 x 16 GiB" in err[0] and "2 GPUs would fit" in err[0]
 
 
 def test_plan_rejects_an_unknown_gpu(capsys):
