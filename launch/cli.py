@@ -747,7 +747,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
             t = cfg.trainer
             plan_report.print_ranking(
                 fitting,
-                hw,
                 f"{len(fitting)} of {len(preds)} valid layouts fit {hw.gpus} x {hw.name} "
                 f"({hw.memory_gib:g} GiB); seq {t.seq_len}, global batch {t.global_batch_size}, "
                 f"{t.precision}",

@@ -51,7 +51,7 @@ def _comm_cell(p: Prediction) -> str:
     )
 
 
-def print_ranking(preds: list[Prediction], hw: Hardware, title: str, top: int) -> None:
+def print_ranking(preds: list[Prediction], title: str, top: int) -> None:
     console = _console()
     table = Table(title=title, box=_box(console), title_justify="left")
     for name, justify in [

@@ -37,13 +37,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from arch import HybridLM
 from arch.config import ModelConfig
 from arch.flops import _linear_flops, sublayer_flops, training_flops_per_token
 from trainer.config import RunConfig, grad_accumulation_steps
-from trainer.parallel.census import Layout, RankShard
+from trainer.parallel.census import Layout, RankShard, unit_model
 from trainer.parallel.hardware import Hardware
 from trainer.parallel.schedule import bubble_fraction
 from trainer.parallel.stages import rank_chunks, stage_layer_ranges
@@ -112,13 +109,13 @@ _COSTS: dict[tuple[str, int], tuple[list[LayerCost], float, float]] = {}
 
 def layer_costs(cfg: ModelConfig, seq_len: int) -> tuple[list[LayerCost], float, float]:
     """(cost of every sub-layer, forward FLOPs per token of the output head, training FLOPs per
-    token as `arch.flops` counts them for MFU), from the one-process model on the meta device;
-    cached per model and sequence length."""
+    token as `arch.flops` counts them for MFU), from the one-process model on the meta device
+    (`census.unit_model`, the build the memory census already made); cached per model and
+    sequence length."""
     key = (repr(cfg), seq_len)
     if key in _COSTS:
         return _COSTS[key]
-    with torch.device("meta"):
-        model = HybridLM(cfg, init=False)
+    model = unit_model(cfg)
     costs = []
     for layer in model.layers:
         inner = layer.inner
