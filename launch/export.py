@@ -41,12 +41,14 @@ def write_run_dir(
     checkpoint: ckpt.Checkpoint,
     state: dict[str, torch.Tensor],
     optimizer_state: dict,
+    param_names: list[str],
     trainer_state: dict | None = None,
 ) -> Path:
     """Write run directory ``out``: config.yaml (``cfg`` with trainer.run_dir=out) and one
-    one-process checkpoint at ``checkpoint``'s step holding ``state``, ``optimizer_state``, the
-    trainer state (``checkpoint``'s unless given) and ``checkpoint``'s tokenizer, saved the way
-    the trainer saves it into every checkpoint. Returns the checkpoint's directory."""
+        one-process checkpoint at ``checkpoint``'s step holding ``state``, ``optimizer_state`` (its
+    parameters named by ``param_names``, `trainer.checkpoint.optimizer_param_names`), the
+        trainer state (``checkpoint``'s unless given) and ``checkpoint``'s tokenizer, saved the way
+        the trainer saves it into every checkpoint. Returns the checkpoint's directory."""
     out_dir = check_new_out(out)
     if trainer_state is None:
         trainer_state = ckpt.CheckpointReader(checkpoint).trainer_state()
@@ -60,6 +62,7 @@ def write_run_dir(
         checkpoint.step,
         state,
         optimizer_state,
+        param_names,
         trainer_state,
         yaml,
         tokenizer.save,
@@ -74,4 +77,5 @@ def export_checkpoint(source: str, out: str) -> Path:
     # groups, by which the reader names the saved moments.
     optimizer = build_optimizer(model, cfg.optim)
     optimizer_state = ckpt.CheckpointReader(checkpoint).optimizer_state_for(model, optimizer)
-    return write_run_dir(out, cfg, checkpoint, model.state_dict(), optimizer_state)
+    names = ckpt.optimizer_param_names(model, optimizer)
+    return write_run_dir(out, cfg, checkpoint, model.state_dict(), optimizer_state, names)

@@ -45,7 +45,8 @@ def import_hf(hf_dir: str, out: str) -> Path:
     if expected != got:  # never write a checkpoint that does not load
         diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
         raise UserError(f"converted weights do not fit the model (first differences: {diff})")
-    optimizer_state = build_optimizer(model, cfg.optim).state_dict()
+    optimizer = build_optimizer(model, cfg.optim)
+    names = ckpt.optimizer_param_names(model, optimizer)
     hf = read_hf_config(source)
     trainer_state = {"step": 0, "tokens": 0, "imported_from": str(source), "hf_config": hf}
 
@@ -57,7 +58,14 @@ def import_hf(hf_dir: str, out: str) -> Path:
     yaml = config_yaml(cfg)
     (out_dir / "config.yaml").write_text(yaml)
     return ckpt.save_checkpoint(
-        out_dir / "checkpoints", 0, state, optimizer_state, trainer_state, yaml, write_extra
+        out_dir / "checkpoints",
+        0,
+        state,
+        optimizer.state_dict(),
+        names,
+        trainer_state,
+        yaml,
+        write_extra,
     )
 
 

@@ -45,5 +45,6 @@ def merge_pc_checkpoint(source: str, out: str) -> Path:
     if expected != got:  # a PC target the plain model builds differently: never write half a model
         diff = sorted(set(expected.items()) ^ set(got.items()))[:4]
         raise UserError(f"merged weights do not fit the plain model (first differences: {diff})")
-    optimizer_state = build_optimizer(plain, cfg.optim).state_dict()
-    return write_run_dir(out, cfg, checkpoint, state, optimizer_state)
+    optimizer = build_optimizer(plain, cfg.optim)
+    names = ckpt.optimizer_param_names(plain, optimizer)
+    return write_run_dir(out, cfg, checkpoint, state, optimizer.state_dict(), names)

@@ -9,12 +9,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-import trainer.checkpoint.writer as writer
+import trainer.checkpoint as checkpoint_package
 from tests.conftest import tiny_config
 from trainer import Trainer
-from trainer.checkpoint import completed_checkpoints, verify_checkpoint
+from trainer.checkpoint import CheckpointReader, completed_checkpoints, verify_checkpoint
 from trainer.checkpoint.failures import CheckpointWriteError
 from trainer.loop import PREEMPT_FILE
 
@@ -35,14 +34,16 @@ def test_async_checkpoints_hold_exactly_what_synchronous_ones_hold(tmp_path, tin
         "step_00000006",
     ]
     for step in ("step_00000002", "step_00000004"):
-        verify_checkpoint(async_dir / step)  # manifest, hashes, complete marker
-        ours = load_file(async_dir / step / "model.safetensors")
-        theirs = load_file(sync_dir / step / "model.safetensors")
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # the snapshot, not later
-        ours = torch.load(async_dir / step / "optimizer.pt", weights_only=False)["state"]
-        theirs = torch.load(sync_dir / step / "optimizer.pt", weights_only=False)["state"]
-        assert all(torch.equal(ours[i]["exp_avg"], theirs[i]["exp_avg"]) for i in theirs)
+        ours, theirs = (
+            CheckpointReader(verify_checkpoint(d / step)) for d in (async_dir, sync_dir)
+        )
+        a, b = ours.model_state(), theirs.model_state()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the snapshot, not later
+        a, b = ours.torch_optimizer_state()["state"], theirs.torch_optimizer_state()["state"]
+        assert a.keys() == b.keys() and all(
+            torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in b
+        )
     # Resuming from a background checkpoint continues the uninterrupted run exactly.
     step_2 = str(async_dir / "step_00000002")
     resumed, _ = run(tmp_path, tiny_data, "again", checkpoint_async=True, resume_from=step_2)
@@ -52,16 +53,16 @@ def test_async_checkpoints_hold_exactly_what_synchronous_ones_hold(tmp_path, tin
 def test_a_failed_background_write_stops_the_run_with_one_message(tmp_path, tiny_data, monkeypatch):
     """The writer of step 4 fails (disk full) in its thread: the run stops at the next step
     with the usual checkpoint-write error, step 2 stays complete, nothing partial remains."""
-    real = writer.write_rank
+    real = checkpoint_package.save_chunks
     threads = []
 
-    def write_rank(directory, *args):
+    def save_chunks(directory, *args):
         threads.append(threading.current_thread().name)
         if directory.name.startswith("step_00000004"):
             raise OSError(errno.ENOSPC, "No space left on device", str(directory))
         return real(directory, *args)
 
-    monkeypatch.setattr(writer, "write_rank", write_rank)
+    monkeypatch.setattr(checkpoint_package, "save_chunks", save_chunks)
     with pytest.raises(CheckpointWriteError) as info:
         run(tmp_path, tiny_data, "full", checkpoint_async=True)
     message = str(info.value)
@@ -76,15 +77,15 @@ def test_a_failed_background_write_stops_the_run_with_one_message(tmp_path, tiny
 def test_preemption_waits_for_the_checkpoint_in_flight(tmp_path, tiny_data, monkeypatch):
     """A pre-emption request arrives while step 2's checkpoint is being written: the run
     completes that checkpoint, then writes the step it stops at."""
-    real = writer.write_rank
+    real = checkpoint_package.save_chunks
 
-    def slow_write_rank(directory, *args):
+    def slow_save_chunks(directory, *args):
         if directory.name.startswith("step_00000002"):
             (tmp_path / "pre" / PREEMPT_FILE).write_text("")  # as `hybridtron submit` asks
             time.sleep(1.0)  # still writing at the next step
         return real(directory, *args)
 
-    monkeypatch.setattr(writer, "write_rank", slow_write_rank)
+    monkeypatch.setattr(checkpoint_package, "save_chunks", slow_save_chunks)
     result, checkpoints = run(tmp_path, tiny_data, "pre", checkpoint_async=True)
     assert result.preempted and result.step == 3
     names = [p.name for p in completed_checkpoints(checkpoints)]

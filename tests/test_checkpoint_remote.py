@@ -225,7 +225,7 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
 
     local = loss_of(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
     assert loss_of("s3://ckpts/e") == local
-    weights = tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / "model.safetensors"
+    weights = tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / "__0_0.distcp"
     stamp = weights.stat().st_mtime_ns
     assert loss_of("s3://ckpts/e/step_00000002/") == local
     assert weights.stat().st_mtime_ns == stamp  # the cached copy, verified, reused

@@ -155,8 +155,8 @@ def test_run_directory_layout(cli):
     for step in steps:
         names = {p.name for p in (checkpoints / step).iterdir()}
         assert {
-            "model.safetensors",
-            "optimizer.pt",
+            ".metadata",
+            "__0_0.distcp",
             "state.pt",
             "config.yaml",
             "manifest.json",

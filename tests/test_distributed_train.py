@@ -22,6 +22,7 @@ from trainer.checkpoint import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from trainer.checkpoint.dcp_io import DATA_FILE, read_metadata
 
 # A checkpoint resumed under another layout trains steps 3-4 with other reduction orders:
 # measured <= 9.3e-8 relative in the losses (1 and 2 threads, ATen default kernels with
@@ -65,9 +66,9 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     ckpt = verify_checkpoint(tp2_pp2_run / "checkpoints" / "step_00000002")
     assert ckpt.layout == {"tp": 2, "pp": 2, "dp": 1}
     names = {p.name for p in ckpt.path.iterdir()}
-    shards = {f"shard-pp{p}-tp{t}.safetensors" for p in range(2) for t in range(2)}
-    assert shards | {f"rng-rank{r}.pt" for r in range(4)} <= names
-    dense = CheckpointReader(ckpt).model_state()  # merged from the four shards
+    parts = {f"__{r}_0.distcp" for r in range(4)} | {".metadata"}  # each rank's boxes
+    assert parts | {f"rng-rank{r}.pt" for r in range(4)} <= names
+    dense = CheckpointReader(ckpt).model_state()  # from the four ranks' boxes
     assert (
         dense["layers.2.inner.in_proj.weight"].shape[0] == 2 * 64
     )  # [x; z] of d_inner 64, whole again
@@ -103,14 +104,15 @@ def test_resume_under_another_layout_continues_the_run(tp2_pp2_run, tiny_data, t
 
 def assert_expert_checkpoint_reshards(ep_run: Path, tp2_pp2_run: Path) -> None:
     """Each expert rank of a dp 2 x ep 2 run writes its own experts under their dense names
-    (the rest once); read back whole (one process), they hold the model the tp 2 x pp 2 run
-    holds after the same steps."""
+    (the rest once, by one of the two); read back whole (one process), they hold the model
+    the tp 2 x pp 2 run holds after the same steps."""
     step4 = verify_checkpoint(ep_run / "checkpoints" / "step_00000004")
     assert step4.layout == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
-    experts = {}
-    for rank in (0, 1):
-        with safe_open(step4.path / f"shard-pp0-tp0-ep{rank}.safetensors", "pt") as f:
-            experts[rank] = {n.split(".")[4] for n in f.keys() if ".inner.experts." in n}
+    experts = {0: set(), 1: set()}
+    for key, item in read_metadata(step4.path).storage_data.items():
+        if ".inner.experts." in key.fqn and key.fqn.startswith("model."):
+            rank = int(DATA_FILE.match(item.relative_path).group(1))
+            experts[rank].add(key.fqn.split(".")[5])
     assert experts == {0: {"0", "1"}, 1: {"2", "3"}}  # 4 experts: a block each
     got = load_pretrained(step4.path)
     want = load_pretrained(tp2_pp2_run / "checkpoints" / "step_00000004")
@@ -138,17 +140,20 @@ def test_eval_and_export_accept_a_sharded_checkpoint(tp2_pp2_run, tmp_path):
 def test_checkpoint_convert_writes_one_model_file_without_the_optimizer(
     tp2_pp2_run, tmp_path, monkeypatch
 ):
-    """`hybridtron checkpoint convert`: the four shards' dense weights in one safetensors or
-    torch file (model config and step inside); the optimizer files are never read."""
+    """`hybridtron checkpoint convert`: the four ranks' dense weights in one safetensors or
+    torch file (model config and step inside); no optimizer state is ever read."""
+    import trainer.checkpoint.reader_dcp as reader_dcp
     from launch.convert import convert_checkpoint
 
     step4 = tp2_pp2_run / "checkpoints" / "step_00000004"
     want = CheckpointReader(verify_checkpoint(step4)).model_state()
+    real, read = reader_dcp.load_boxes, []
 
-    def no_optimizer(self):
-        raise AssertionError("convert read the optimizer state")
+    def load_boxes(directory, metadata, wants, objects=()):
+        read.extend([*wants, *objects])
+        return real(directory, metadata, wants, objects)
 
-    monkeypatch.setattr(CheckpointReader, "_optimizer", property(no_optimizer))
+    monkeypatch.setattr(reader_dcp, "load_boxes", load_boxes)
     single = convert_checkpoint(step4, "safetensors", tmp_path / "model.safetensors")
     with safe_open(single, "pt") as f:
         assert set(f.keys()) == set(want)
@@ -158,6 +163,7 @@ def test_checkpoint_convert_writes_one_model_file_without_the_optimizer(
     saved = torch.load(convert_checkpoint(tp2_pp2_run, "torch", tmp_path / "model.pt"))  # newest
     assert saved["step"] == 4 and saved["model_config"]["d_model"] == 32
     assert all(torch.equal(saved["model"][k], want[k]) for k in want)
+    assert read and all(key.startswith("model.") for key in read), sorted(set(read))[-3:]
     proc = run_cli("checkpoint", "convert", str(step4), "--to", "torch", str(tmp_path / "model.pt"))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         f"hybridtron checkpoint: error: {tmp_path / 'model.pt'} already exists; give a new output file"

@@ -110,8 +110,8 @@ def test_retention_and_latest_pointer(tmp_path, tiny_data):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     manifest = json.loads((run / "checkpoints" / "step_00000006" / "manifest.json").read_text())
     assert set(manifest["files"]) == {
-        "model.safetensors",
-        "optimizer.pt",
+        ".metadata",  # torch.distributed.checkpoint's: one process's boxes in one data file
+        "__0_0.distcp",
         "state.pt",
         "config.yaml",
     }
@@ -120,7 +120,7 @@ def test_retention_and_latest_pointer(tmp_path, tiny_data):
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_damaged_newest_checkpoint_is_refused_not_skipped(tmp_path, tiny_data, damage):
     run = _trained_run(tmp_path, tiny_data)
-    model_file = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    model_file = run / "checkpoints" / "step_00000006" / "__0_0.distcp"  # weights and moments
     data = model_file.read_bytes()
     if damage == "truncate":
         model_file.write_bytes(data[: len(data) // 2])

@@ -24,8 +24,9 @@ from arch.model import HybridLM, build_model, materialize, unit_names
 from arch.model_plan import split_of
 from arch.tensor_parallel_plan import Split, TensorParallel, split_tensor
 from tests.test_tensor_parallel import hybrid as tensor_parallel_hybrid
-from trainer.checkpoint import CheckpointReader, verify_checkpoint
-from trainer.checkpoint.writer import begin_checkpoint, finish_checkpoint, write_shard, write_shared
+from trainer.checkpoint import CheckpointReader, piece_chunks, save_chunks, verify_checkpoint
+from trainer.checkpoint.dcp_io import STEP_KEY, model_key, moment_key
+from trainer.checkpoint.writer import begin_checkpoint, finish_checkpoint, write_shared
 from trainer.config import RunConfig
 from trainer.parallel.stages import PipelineStage, stage_layer_ranges
 
@@ -155,45 +156,44 @@ def test_a_units_values_depend_on_its_name_and_the_seed_alone():
     assert not torch.equal(c[w1.format(7)], c[w1.format(0)])
 
 
-def test_the_reader_returns_any_ranks_slice_from_shards_of_another_layout(tmp_path):
+def test_the_reader_returns_any_ranks_slice_from_pieces_of_another_layout(tmp_path):
+    """What tp 2 x pp 2 x dp 3 ZeRO ranks hold (each tensor shard cut into 3 uneven flat
+    ranges, as ZeRO partitions a flat buffer) written as boxes of the dense tensors, then read
+    back as any tensor rank's slice of any size: every weight and moment exactly."""
     cfg = hybrid(preconditioner=PreconditionerConfig())
     model = build_model(cfg, seed=1)
     dense = model.state_dict()
-    moments = {n: {"exp_avg": p.detach() * 2} for n, p in model.named_parameters()}
-    stages = stage_layer_ranges(cfg, 2)
-
-    def stage_of(name: str) -> int:
-        if name.startswith("layers."):
-            index = int(name.split(".")[1])
-            return next(s for s, (lo, hi) in enumerate(stages) if lo <= index < hi)
-        return 0 if name == "embed.weight" else 1
-
+    params = dict(model.named_parameters())
+    chunks = []
+    for name, full in dense.items():
+        split = split_of(name, cfg)
+        for tp in range(2) if split is not None else range(1):  # a replica is written once
+            shard = full if split is None else split_tensor(full, split, tp, 2)
+            flat, n = shard.reshape(-1), shard.numel()
+            cuts = [0, n // 5, (3 * n) // 4, n]  # ZeRO ranks 0-2: ranges that cut rows
+            for lo, hi in zip(cuts, cuts[1:], strict=False):
+                args = (tuple(shard.shape), lo, flat[lo:hi], split, tp, 2 if split else 1)
+                chunks += piece_chunks(model_key(name), *args)
+                if name in params:
+                    moment = (flat[lo:hi] * 2, *args[3:])
+                    chunks += piece_chunks(moment_key(name, "exp_avg"), *args[:2], *moment)
     tmp = begin_checkpoint(tmp_path, 1)
-    for pp in range(2):
-        for tp in range(2):
-            mine = [n for n in dense if stage_of(n) == pp]
-            cut = {
-                n: dense[n]
-                if split_of(n, cfg) is None
-                else split_tensor(dense[n], split_of(n, cfg), tp, 2)
-                for n in mine
-            }
-            cut_moments = {n: {"exp_avg": cut[n] * 2} for n in mine if n in moments}
-            write_shard(tmp, pp, tp, {n: t.clone() for n, t in cut.items()}, 7, cut_moments)
+    save_chunks(tmp, chunks, {STEP_KEY: 7})
     write_shared(tmp, {"step": 1}, OmegaConf.to_yaml(OmegaConf.structured(RunConfig(model=cfg))))
     reader = CheckpointReader(
-        verify_checkpoint(finish_checkpoint(tmp_path, 1, {"tp": 2, "pp": 2, "dp": 1}))
+        verify_checkpoint(finish_checkpoint(tmp_path, 1, {"tp": 2, "pp": 2, "dp": 3}))
     )
-    assert reader.optimizer_step() == 7
+    assert reader.optimizer_step() == 7 and set(reader.names()) == set(dense)
     for size in (1, 2, 4):
         for rank in range(size):
+            got = reader.tensors(list(dense), rank, size)
             for name, full in dense.items():
                 split = split_of(name, cfg)
                 want = full if split is None else split_tensor(full, split, rank, size)
-                assert torch.equal(reader.tensor(name, rank, size), want), (name, rank, size)
-                if name in moments:
-                    got = reader.moments(name, rank, size)["exp_avg"]
-                    assert torch.equal(got, want * 2), (name, rank, size)
+                assert torch.equal(got[name], want), (name, rank, size)
+                if name in params:
+                    moment = reader.moments(name, rank, size)["exp_avg"]
+                    assert torch.equal(moment, want * 2), (name, rank, size)
 
 
 def test_an_unseeded_build_is_random_and_reproducible_under_manual_seed():

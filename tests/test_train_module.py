@@ -12,7 +12,6 @@ import trainer.loop
 from tests.conftest import tiny_config
 from trainer import Trainer
 from trainer.checkpoint import verify_checkpoint
-from trainer.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE
 from trainer.parallel.grid import Grid
 from trainer.train_module import SingleProcessTrainModule
 from trainer.train_module_base import TrainModule, build_train_module
@@ -38,7 +37,7 @@ def test_the_factory_gives_one_process_the_single_process_module(tmp_path, tiny_
     assert module.is_main and module.layout == "" and module.checkpoint_layout is None
     assert module.num_params > 0 and module.train_flops_per_token > 0
     module.save_state(tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} >= {MODEL_FILE, OPTIMIZER_FILE}
+    assert {p.name for p in tmp_path.iterdir()} >= {".metadata", "__0_0.distcp"}
     assert module.state_bytes() >= sum(p.numel() * 4 for p in module.model.parameters())
 
 

@@ -101,15 +101,16 @@ def test_a_disk_full_from_the_start_says_so_in_one_line(tiny_data, small_disk):
 
 SITECUSTOMIZE = """
 import errno, os, warnings
-if os.environ.get("RANK") == "1":  # only rank 1's shard cannot be written
+if os.environ.get("RANK") == "1":  # only rank 1's part cannot be written
     with warnings.catch_warnings():  # before the CLI's own filters: keep stderr to the point
         warnings.simplefilter("ignore")
-        import trainer.parallel.train_module as train_module
+        import trainer.checkpoint.dcp_io as dcp_io
 
-    def write_shard(directory, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    class FullDisk(dcp_io.FileSystemWriter):  # fails where DCP writes this rank's data file
+        def write_data(self, plan, planner):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    train_module.write_shard = write_shard
+    dcp_io.FileSystemWriter = FullDisk
 """
 
 

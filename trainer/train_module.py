@@ -33,8 +33,8 @@ if TYPE_CHECKING:
 
 
 class SingleProcessTrainModule(TrainModule):
-    """The whole model on one process (`Grid.one_process`); checkpoints in the one-process
-    format (`trainer.checkpoint.MODEL_FILE`, `OPTIMIZER_FILE`)."""
+    """The whole model on one process (`Grid.one_process`); its checkpoint holds every tensor
+    whole and its optimizer's state dict by parameter name (`one_process_state`)."""
 
     def __init__(self, cfg: RunConfig, grid: Grid, checkpoint: Checkpoint | None = None) -> None:
         super().__init__(cfg, grid, checkpoint)
@@ -115,14 +115,19 @@ class SingleProcessTrainModule(TrainModule):
         return None
 
     def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
-        from trainer.checkpoint.format import MODEL_FILE, OPTIMIZER_FILE
-        from trainer.checkpoint.writer import write_rank
+        from trainer.checkpoint import one_process_state, optimizer_param_names, save_chunks
 
         model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
         if copy:  # a snapshot in host memory: the next steps update the tensors in place
             model = {k: v.detach().to("cpu", copy=True) for k, v in model.items()}
             optimizer = host_copy(optimizer)
-        return lambda directory: write_rank(directory, MODEL_FILE, model, OPTIMIZER_FILE, optimizer)
+        else:  # written before the next step: CPU copies only where the tensors live elsewhere
+            model = {k: v.detach().cpu() for k, v in model.items()}
+            optimizer = host_copy(optimizer) if self.device.type != "cpu" else optimizer
+        state = one_process_state(
+            model, optimizer, optimizer_param_names(self.model, self.optimizer)
+        )
+        return lambda directory: save_chunks(directory, *state)
 
     def saved_rng(self, checkpoint: Checkpoint, trainer_state: dict) -> dict | None:
         return trainer_state.get("rng")  # one process: the main rank's, in the trainer state

@@ -2,14 +2,18 @@
 
 - `format`: the layout of a ``step_N`` directory, its file names, the manifest (the complete
   marker) and its verification;
-- `writer`: atomic writes of what a rank holds; one process is the one-rank case;
+- `boxes`, `rank_state`: what a rank holds (its tensor-parallel shard, its ZeRO partition) as
+  boxes of the dense tensors;
+- `dcp_io`: those boxes written and read with `torch.distributed.checkpoint`;
+- `writer`: the atomic phases of a write (begin, shared files, manifest and rename);
 - `failures`: a write that failed (disk full...): clean-up and the one-line error;
 - `reader`: dense weights, optimizer moments, trainer state and RNG of a checkpoint of any
-  layout (one process or tp x pp x dp shards);
+  layout and format (`reader_dcp`: format 2; `reader_v1`: format 1, still read);
 - `discovery`: run directory or checkpoint path -> the newest complete checkpoint;
 - `load`: run directory or checkpoint -> model (eval, generate, export, `load_pretrained`).
 """
 
+from trainer.checkpoint.dcp_io import Chunk, save_chunks
 from trainer.checkpoint.discovery import (
     completed_checkpoints,
     find_latest_checkpoint,
@@ -37,13 +41,13 @@ from trainer.checkpoint.format import (
     verify_checkpoint,
 )
 from trainer.checkpoint.load import LoadedModel, load_model, load_pretrained
+from trainer.checkpoint.rank_state import one_process_state, optimizer_param_names, piece_chunks
 from trainer.checkpoint.reader import CheckpointReader
 from trainer.checkpoint.writer import (
     begin_checkpoint,
     finish_checkpoint,
     prune_checkpoints,
     save_checkpoint,
-    write_shard,
     write_shared,
 )
 
@@ -55,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "CheckpointWriteError",
+    "Chunk",
     "LoadedModel",
     "abandon_checkpoint",
     "begin_checkpoint",
@@ -66,16 +71,19 @@ __all__ = [
     "is_disk_full",
     "is_write_failure",
     "list_checkpoints",
+    "one_process_state",
+    "optimizer_param_names",
+    "piece_chunks",
     "load_model",
     "load_pretrained",
     "prune_checkpoints",
     "resolve_checkpoint",
     "rng_file",
     "save_checkpoint",
+    "save_chunks",
     "step_dir_name",
     "tensor_bytes",
     "verify_checkpoint",
     "what_resumes",
-    "write_shard",
     "write_shared",
 ]

@@ -6,23 +6,23 @@ Layout of ``run_dir/checkpoints``::
     step_00000200/
     latest                    "step_00000200", replaced atomically after the directory is complete
 
-Files of ``step_N/`` written by one process::
+Files of ``step_N/`` (format 2, written by `torch.distributed.checkpoint`, every layout alike)::
 
-    model.safetensors, optimizer.pt (the torch optimizer's state dict)
+    __{r}_0.distcp            what rank r holds, each piece a box of a dense tensor: its weights
+                              (fp32; under ZeRO its partition) and optimizer moments
+                              (``model.<name>``, ``optim.state.<name>.<key>``), no gather
+    .metadata                 every box's dense name, global shape and offsets (so any layout
+                              reads any box), and small objects (the optimizer step; one
+                              process: its optimizer's groups)
+    rng-rank{r}.pt            python / numpy / torch RNG of global rank r (multi-process)
+    state.pt                  step, tokens, RNG of one process, data-loader position
+    config.yaml, the tokenizer
 
-and by a multi-process run (the manifest then records ``"layout": {"tp", "pp", "dp"}``)::
-
-    shard-pp{p}-tp{t}.safetensors   fp32 weights of stage p, tensor rank t, under their dense names
-                                    (with expert parallelism shard-pp{p}-tp{t}-ep{e}: expert rank
-                                    e's experts; the other weights in ep0's)
-    optim-pp{p}-tp{t}.pt            {"step": n, "state": {name: {"exp_avg": ..., ...}}}
-    rng-rank{r}.pt                  python / numpy / torch RNG of global rank r
-
-plus, in both: state.pt (step, tokens, RNG of one process, data-loader position), config.yaml,
-the tokenizer. A checkpoint is written into ``step_N.tmp`` and renamed, so a directory named
-``step_N`` is only ever complete; ``manifest.json`` (the complete marker) is written last inside
-it and lists every file's size and xxh64, so truncation or bit rot is caught on load instead of
-half-loading a model.
+The manifest records ``"layout": {"tp", "pp", "dp"[, "ep"]}`` for a multi-process run. A
+checkpoint is written into ``step_N.tmp`` and renamed, so a directory named ``step_N`` is only
+ever complete; ``manifest.json`` (the complete marker) is written last inside it and lists every
+file's size and xxh64, so truncation or bit rot is caught on load instead of half-loading a
+model. Format 1 (dense-named safetensors per stage and tensor rank, `reader_v1`) is still read.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ from arch.registry import UserError
 from data_pipeline.integrity import file_xxh64
 from trainer.config import RunConfig
 
-FORMAT = "hybridtron-checkpoint/1"
+FORMAT = "hybridtron-checkpoint/2"  # what this version writes
+READABLE = {"hybridtron-checkpoint/1": 1, FORMAT: 2}  # format -> its version
 MANIFEST = "manifest.json"
 LATEST = "latest"
+# Format 1's files (read, no longer written: `reader_v1`).
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.pt"
@@ -53,10 +55,6 @@ SHARD_FILE = re.compile(r"^shard-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
 # the metadata; safetensors like the weights, so a reader maps one tensor at a time.
 OPTIM_SHARD_FILE = re.compile(r"^optim-pp(\d+)-tp(\d+)(?:-ep\d+)?\.safetensors$")
 OPTIM_STEP_KEY = "optimizer_step"
-
-
-def moment_key(name: str, key: str) -> str:
-    return f"{name}:{key}"
 
 
 class CheckpointError(UserError):
@@ -70,18 +68,6 @@ def step_dir_name(step: int) -> str:
 def tmp_dir(checkpoints_dir: Path, step: int) -> Path:
     """Where checkpoint ``step`` is written before it is complete."""
     return checkpoints_dir / (step_dir_name(step) + ".tmp")
-
-
-def _expert_suffix(ep_rank: int | None) -> str:
-    return "" if ep_rank is None else f"-ep{ep_rank}"
-
-
-def shard_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
-    return f"shard-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.safetensors"
-
-
-def optim_file(pp_rank: int, tp_rank: int, ep_rank: int | None = None) -> str:
-    return f"optim-pp{pp_rank}-tp{tp_rank}{_expert_suffix(ep_rank)}.safetensors"
 
 
 def rng_file(rank: int) -> str:
@@ -99,6 +85,7 @@ class Checkpoint:
     step: int
     config: dict  # the resolved run config it was written with
     layout: dict[str, int] | None = None  # tp, pp, dp of a sharded (multi-process) checkpoint
+    version: int = 2  # the format (`READABLE`)
 
     @property
     def sharded(self) -> bool:
@@ -165,8 +152,12 @@ def verify_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(
             f"{manifest_file} is corrupt ({exc}); resume from another checkpoint"
         ) from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    version = READABLE.get(manifest.get("format"))
+    if version is None:
+        raise CheckpointError(
+            f"{path} has format {manifest.get('format')!r}, which this version of hybridtron "
+            f"does not read (it reads {', '.join(READABLE)}); use the version that wrote it"
+        )
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.exists():
@@ -184,5 +175,9 @@ def verify_checkpoint(path: str | Path) -> Checkpoint:
             )
     config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE))
     return Checkpoint(
-        path=path, step=int(manifest["step"]), config=config, layout=manifest.get("layout")
+        path=path,
+        step=int(manifest["step"]),
+        config=config,
+        layout=manifest.get("layout"),
+        version=version,
     )

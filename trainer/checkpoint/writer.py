@@ -1,11 +1,11 @@
 """Atomic checkpoint writes: what each rank holds, the shared files, then the complete marker.
 
 A write has three phases: `begin_checkpoint` (a fresh ``step_N.tmp``), every rank writing what
-it holds (`write_rank`: weights and optimizer state) plus one rank the shared files
-(`write_shared`), and `finish_checkpoint` (manifest, rename to ``step_N``, ``latest``). A
-multi-process run drives the phases itself, with its ranks agreeing between them; one process
-is the degenerate one-rank case, `save_checkpoint`, whose one "shard" is the whole model and
-the torch optimizer's own state dict (``model.safetensors``, ``optimizer.pt``).
+it holds (`trainer.checkpoint.dcp_io.save_chunks`: its boxes of the weights and optimizer
+moments) plus one rank the shared files (`write_shared`), and `finish_checkpoint` (manifest,
+rename to ``step_N``, ``latest``). A training run drives the phases itself, with its ranks
+agreeing between them; `save_checkpoint` is one process's whole checkpoint in one call (export,
+import).
 """
 
 from __future__ import annotations
@@ -18,24 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from trainer.checkpoint.dcp_io import save_chunks
 from trainer.checkpoint.discovery import list_checkpoints
 from trainer.checkpoint.format import (
     CONFIG_FILE,
     LATEST,
     MANIFEST,
-    MODEL_FILE,
-    OPTIM_STEP_KEY,
-    OPTIMIZER_FILE,
     STATE_FILE,
     manifest_of,
-    moment_key,
-    optim_file,
-    shard_file,
     step_dir_name,
     tmp_dir,
 )
+from trainer.checkpoint.rank_state import one_process_state
 
 
 def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
@@ -44,49 +39,6 @@ def begin_checkpoint(checkpoints_dir: Path, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def write_rank(
-    directory: Path,
-    weights_file: str,
-    weights: dict[str, torch.Tensor],
-    optimizer_file: str,
-    optimizer_state: dict,
-) -> list[str]:
-    """What one rank holds: its weights (safetensors, CPU copies) and its optimizer state;
-    returns the names of the files written."""
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / weights_file
-    )
-    torch.save(optimizer_state, directory / optimizer_file)
-    return [weights_file, optimizer_file]
-
-
-def write_shard(
-    directory: Path,
-    pp_rank: int,
-    tp_rank: int,
-    weights: dict[str, torch.Tensor],
-    optimizer_step: int,
-    moments: dict[str, dict[str, torch.Tensor]],
-    ep_rank: int | None = None,
-) -> list[str]:
-    """The shard of (pipeline stage, tensor rank[, expert rank]): fp32 weights under their
-    dense names and their optimizer moments by name, so any layout can read it back."""
-    save_file(
-        {k: v.detach().float().contiguous().cpu() for k, v in weights.items()},
-        directory / shard_file(pp_rank, tp_rank, ep_rank),
-    )
-    save_file(
-        {
-            moment_key(name, key): t.detach().contiguous().cpu()
-            for name, state in moments.items()
-            for key, t in state.items()
-        },
-        directory / optim_file(pp_rank, tp_rank, ep_rank),
-        metadata={OPTIM_STEP_KEY: str(optimizer_step)},
-    )
-    return [shard_file(pp_rank, tp_rank, ep_rank), optim_file(pp_rank, tp_rank, ep_rank)]
 
 
 def write_shared(
@@ -129,14 +81,17 @@ def save_checkpoint(
     step: int,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict,
+    param_names: list[str],
     trainer_state: dict[str, Any],
     config_yaml: str,
     write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the complete checkpoint of one process for ``step`` atomically; returns its
-    directory. ``write_extra(dir)`` adds files that travel with the weights."""
+    directory. ``param_names``: the optimizer's parameters by index
+    (`trainer.checkpoint.rank_state.optimizer_param_names`); ``write_extra(dir)`` adds files
+    that travel with the weights."""
     tmp = begin_checkpoint(checkpoints_dir, step)
-    write_rank(tmp, MODEL_FILE, model_state, OPTIMIZER_FILE, optimizer_state)
+    save_chunks(tmp, *one_process_state(model_state, optimizer_state, param_names))
     write_shared(tmp, trainer_state, config_yaml, write_extra)
     return finish_checkpoint(checkpoints_dir, step)
 

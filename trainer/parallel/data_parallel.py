@@ -131,7 +131,3 @@ class DataParallelEngine:
 
     def get_global_grad_norm(self) -> float | None:
         return self._norm
-
-    def full_optimizer_state(self, p: nn.Parameter, key: str) -> torch.Tensor:
-        """What deepspeed.utils.safe_get_full_optimizer_state gives under ZeRO."""
-        return self.optimizer.state[p][key]

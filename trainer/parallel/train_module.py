@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -31,15 +32,17 @@ from arch import HybridLM, count_parameters
 from arch.aux_losses import Totals, add_totals, merge_totals, recording
 from arch.flops import training_flops_per_token
 from arch.model import aux_loss_counts, materialize, unit_shards
-from arch.model_plan import expert_of
+from arch.model_plan import split_of
 from arch.recompute import set_recompute
 from arch.tensor_parallel_plan import DENSE
-from trainer.checkpoint import Checkpoint, CheckpointReader, rng_file, write_shard
+from trainer.checkpoint import Checkpoint, CheckpointReader, piece_chunks, rng_file, save_chunks
+from trainer.checkpoint.dcp_io import STEP_KEY, model_key, moment_key
 from trainer.config import RunConfig, grad_accumulation_steps
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.data_parallel import DataParallelEngine, effective_zero_stage
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
 from trainer.parallel.grid import Grid, MegatronMPU
+from trainer.parallel.held_state import held_pieces, set_zero3_state
 from trainer.parallel.p2p import RingLink, StageLink
 from trainer.parallel.schedule import (
     bubble_fraction,
@@ -176,6 +179,10 @@ class ParallelTrainModule(TrainModule):
             if self.virtual > 1
             else None
         )
+        # Checkpoint writes plan over their own group: an asynchronous save's collectives run
+        # in a background thread while training uses the default group.
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
         self._first_peer = ps.get_pipeline_model_parallel_first_rank()
         self._last_peer = ps.get_pipeline_model_parallel_last_rank()
 
@@ -383,28 +390,12 @@ class ParallelTrainModule(TrainModule):
 
         DeepSpeed's ZeRO-1/2 links them once, right after the first parameter group's first
         step, when the other groups have no state yet: those stay unlinked (0.19.8), and
-        `safe_get_full_optimizer_state` then fails for them. Linking again fixes that.
+        their fragments then have no optimizer state to write or set. Linking again fixes that.
         """
         zero = self.engine.optimizer
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
-
-    def _full_weight(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """``p``'s whole value (under ZeRO its fp32 master, gathered from the partitions)."""
-        if self.zero_stage == 0:
-            return p.detach()
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        full = safe_get_full_fp32_param(p)
-        return full if full is not None else p.detach()
-
-    def _full_state(self, p: torch.nn.Parameter, key: str) -> torch.Tensor:
-        if self.zero_stage == 0:
-            return self.engine.full_optimizer_state(p, key)
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        return safe_get_full_optimizer_state(p, key)
 
     def _state_keys(self) -> tuple[list[str], int]:
         """The optimizer's per-parameter state names (exp_avg, ...) and its step count."""
@@ -416,36 +407,35 @@ class ParallelTrainModule(TrainModule):
         return keys, step
 
     def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
-        """This rank's shard and RNG (collective over the engine's data-parallel group: ZeRO
-        partitions are gathered here); the writer writes the shard on its expert-data-parallel
-        rank 0 and this rank's RNG."""
-        g = self.grid
+        """What this rank holds, no gather: of each parameter its pieces (`held_pieces`: the
+        tensor shard, or under ZeRO its partition of the fp32 master and moments) as boxes of
+        the dense tensors, its buffers, and its RNG. The writer is a collective over the
+        checkpoint group (`trainer.checkpoint.save_chunks`): boxes several ranks hold alike
+        (replicas over data/tensor/expert parallelism) are written once, spread over them."""
+        g, cfg = self.grid, self.cfg.model
         self._link_optimizer_state()
         keys, step = self._state_keys()
-        weights, moments = {}, {}
+        optimizer = self.engine.optimizer
+        chunks = []
 
-        def host(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to("cpu", copy=copy)
+        def place(key: str, name: str, shape, start: int, values: torch.Tensor) -> None:
+            values = values.detach().float().to("cpu", copy=copy)
+            split = split_of(name, cfg)
+            chunks.extend(piece_chunks(key, tuple(shape), start, values, split, g.tp_rank, g.tp))
 
-        with operation("gather ZeRO partitions for the checkpoint"):
-            for name, p in self.stage.model.named_parameters():
-                weights[name] = host(self._full_weight(p))
-                moments[name] = {k: host(self._full_state(p, k)) for k in keys}
+        for name, p in self.stage.model.named_parameters():
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3: the shard's shape, not the stub's
+            for piece in held_pieces(p, self.zero_stage, optimizer, keys):
+                place(model_key(name), name, shape, piece.start, piece.values)
+                for key, moment in piece.moments.items():
+                    place(moment_key(name, key), name, shape, piece.start, moment)
         # Persistent buffers are model state too (the PC layer's power-iteration vectors).
-        weights.update({name: host(b) for name, b in self._buffers().items()})
-        if g.ep > 1:  # each expert rank its experts; the rest once, from expert rank 0
-            keep = {n for n in weights if g.ep_rank == 0 or expert_of(n, self.cfg.model)}
-            weights = {n: t for n, t in weights.items() if n in keep}
-            moments = {n: m for n, m in moments.items() if n in keep}
+        for name, b in self._buffers().items():
+            place(model_key(name), name, b.shape, 0, b)
         rng = rng_state()
 
         def write(directory: Path) -> list[str]:
-            written = []
-            if g.expert_dp_rank == 0:
-                ep_rank = g.ep_rank if g.ep > 1 else None
-                written += write_shard(
-                    directory, g.pp_rank, g.tp_rank, weights, step, moments, ep_rank
-                )
+            written = save_chunks(directory, chunks, {STEP_KEY: step}, self._checkpoint_group)
             torch.save(rng, directory / rng_file(g.rank))
             return [*written, rng_file(g.rank)]
 
@@ -459,15 +449,16 @@ class ParallelTrainModule(TrainModule):
         return {name: t for name, t in state.items() if name not in params}
 
     def _load_weights(self, reader: CheckpointReader) -> None:
-        """This rank's slices of its stage's weights (`CheckpointReader.tensor`)."""
+        """This rank's slices of its stage's weights (`CheckpointReader.tensors`, one pass)."""
         g = self.grid
+        targets = {**dict(self.stage.model.named_parameters()), **self._buffers()}
+        names = [*targets, *(["embed.weight"] if self.stage.tied_head is not None else [])]
+        values = reader.tensors(list(dict.fromkeys(names)), g.tp_rank, g.tp)
         with torch.no_grad():
-            for name, p in self.stage.model.named_parameters():
-                p.copy_(reader.tensor(name, g.tp_rank, g.tp))
-            for name, b in self._buffers().items():
-                b.copy_(reader.tensor(name, g.tp_rank, g.tp))
+            for name, target in targets.items():
+                target.copy_(values[name])
             if self.stage.tied_head is not None:
-                self.stage.tied_head.copy_(reader.tensor("embed.weight", g.tp_rank, g.tp))
+                self.stage.tied_head.copy_(values["embed.weight"])
 
     def _load_optimizer(self, reader: CheckpointReader) -> None:
         step = reader.optimizer_step()
@@ -485,7 +476,10 @@ class ParallelTrainModule(TrainModule):
         self._link_optimizer_state()
         for name, p in self.stage.model.named_parameters():
             for key, shard in reader.moments(name, g.tp_rank, g.tp).items():
-                safe_set_full_optimizer_state(p, shard.to(g.device), key)
+                if self.zero_stage == 3:
+                    set_zero3_state(p, shard.to(g.device), key)
+                else:
+                    safe_set_full_optimizer_state(p, shard.to(g.device), key)
         for state in self._inner_optimizer().state.values():
             if "step" in state:  # keeps its device and dtype (fused AdamW: on the parameter's)
                 state["step"] = torch.full_like(torch.as_tensor(state["step"]), float(step))
@@ -498,8 +492,16 @@ class ParallelTrainModule(TrainModule):
         for group in engine.optimizer.param_groups:
             group["lr"] = 0.0
         engine.set_gradient_accumulation_boundary(True)
-        zero = sum(p.sum() for p in self.stage.model.parameters()) * 0.0
-        engine.backward(zero, scale_wrt_gas=False)
+        params = list(self.stage.model.parameters())
+        if self.zero_stage == 3:  # the partitioned tensors are stubs until gathered
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                zero = sum(p.sum() for p in params) * 0.0
+                engine.backward(zero, scale_wrt_gas=False)
+        else:
+            zero = sum(p.sum() for p in params) * 0.0
+            engine.backward(zero, scale_wrt_gas=False)
         with operation("optimizer warm-up step (restoring moments)"):
             engine.step()
         for group, lr in zip(engine.optimizer.param_groups, saved, strict=True):
