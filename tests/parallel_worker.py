@@ -167,18 +167,28 @@ def watchdog(pieces: int = 1) -> None:
     faulthandler.dump_traceback_later(240 * pieces, exit=True)
 
 
-def main() -> None:
-    out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
+def run_layouts(layouts: list[dict]) -> dict | None:
+    """Train ``layouts`` one after another, then (rank 0) each model's one-process reference;
+    rank 0 returns what the test compares, the others None."""
     results = []
     for layout in layouts:
         watchdog()
         results.append(run_layout(layout))
     models = {model_key(layout): layout for layout in layouts}
     watchdog(len(models))  # rank 0 trains every reference while the others wait
+    payload = None
     if dist.get_rank() == 0:
         references = {key: reference(layout) for key, layout in models.items()}
         keys = [model_key(layout) for layout in layouts]  # each layout's reference
         payload = {"references": references, "layouts": layouts, "results": results, "keys": keys}
+    dist.barrier()
+    return payload
+
+
+def main() -> None:
+    out_path, layouts = sys.argv[1], json.loads(sys.argv[2])
+    payload = run_layouts(layouts)
+    if payload is not None:
         with open(out_path, "w") as f:
             json.dump(payload, f)
     dist.barrier()

@@ -1,4 +1,6 @@
-"""One rank of the any-layout checkpoint test (tests/test_checkpoint_reshard.py), 8 ranks.
+"""One rank of the 8-rank launch (tests/test_checkpoint_reshard.py): the layout-equivalence cases
+that need 8 ranks (``EIGHT_RANK_LAYOUTS`` of tests/test_parallel_equivalence.py, run as
+tests/parallel_worker.py runs them), then the any-layout checkpoint cases.
 
 Every rank writes what it holds (format 2, no gather) and any layout reads it back. In one process
 group (start-up dominates on 2 cores), on the same global batches:
@@ -13,7 +15,7 @@ group (start-up dominates on 2 cores), on the same global batches:
 5. one process (rank 0) from step 2: steps 3-4, checkpoint at 4; the reference layout back from
    that: steps 5-6.
 
-    torchrun --nproc-per-node 8 tests/reshard_worker.py OUT.json CHECKPOINTS_DIR
+    torchrun --nproc-per-node 8 tests/reshard_worker.py OUT.json CHECKPOINTS_DIR LAYOUTS_JSON
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from omegaconf import OmegaConf
 
 warnings.simplefilter("ignore")
 
-from tests.parallel_worker import MICRO, micro_batches, run_config, watchdog  # noqa: E402
+from tests.parallel_worker import (  # noqa: E402
+    MICRO,
+    micro_batches,
+    run_config,
+    run_layouts,
+    watchdog,
+)
 from trainer.checkpoint import verify_checkpoint  # noqa: E402
 from trainer.checkpoint.format import tmp_dir  # noqa: E402
 from trainer.checkpoint.writer import begin_checkpoint, finish_checkpoint, write_shared  # noqa: E402
@@ -129,7 +137,8 @@ def one_process(resume: Path, root: Path):
 
 
 def main() -> None:
-    out_path, root = sys.argv[1], Path(sys.argv[2])
+    out_path, root, layouts = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    equivalence = run_layouts(layouts)
     results = {}
     results["reference"], step2 = train("reference", range(6), None, 2, root)
     results["same layout"], _ = train("reference", range(2, 4), step2, None, root)
@@ -146,7 +155,7 @@ def main() -> None:
         "reference", range(4, 6), Path(shared[0]), None, root
     )
     if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(results))
+        Path(out_path).write_text(json.dumps({"resume": results, "equivalence": equivalence}))
     dist.barrier()
     dist.destroy_process_group()
 

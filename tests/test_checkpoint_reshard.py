@@ -1,8 +1,8 @@
-"""Every rank writes what it holds and any layout reads it (format 2): one launch of 8 real gloo
-ranks (tests/reshard_worker.py) trains tp 2 x pp 2 x dp 2 under ZeRO-2 with sequence
-parallelism, checkpoints without a gather, and resumes it at the same layout (bit for bit), at
-tp 1 x pp 2 x dp 4 with experts over 2 ranks and 2 virtual stages, under ZeRO-3, in one process,
-and back from each of those."""
+"""One launch of 8 real gloo ranks (tests/reshard_worker.py): the 8-rank layouts of the
+equivalence test, then checkpoints in format 2 (every rank writes what it holds, any layout
+reads it): tp 2 x pp 2 x dp 2 under ZeRO-2 with sequence parallelism, checkpointed without a
+gather, resumed at the same layout (bit for bit), at tp 1 x pp 2 x dp 4 with experts over 2
+ranks and 2 virtual stages, under ZeRO-3, in one process, and back from each of those."""
 
 from __future__ import annotations
 
@@ -16,6 +16,11 @@ import pytest
 
 from arch.model_plan import split_of
 from launch.spawn import free_port
+from tests.test_parallel_equivalence import (
+    EIGHT_RANK_LAYOUTS,
+    assert_census_matches_ranks,
+    assert_matches_reference,
+)
 from trainer.checkpoint import verify_checkpoint
 from trainer.checkpoint.dcp_io import DATA_FILE, read_metadata
 
@@ -39,6 +44,7 @@ def resharded(tmp_path_factory) -> tuple[dict, Path]:
         str(ROOT / "tests" / "reshard_worker.py"),
         str(out),
         str(root / "checkpoints"),
+        json.dumps(EIGHT_RANK_LAYOUTS),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -50,8 +56,14 @@ def close(got: list[float], want: list[float]) -> bool:
     return all(abs(a - b) / b <= TOLERANCE for a, b in zip(got, want, strict=True))
 
 
+def test_eight_ranks_pp2_tp2_dp2_match_one_process(resharded):
+    payload = resharded[0]["equivalence"]
+    assert_matches_reference(payload)
+    assert_census_matches_ranks(payload)
+
+
 def test_any_layout_resumes_any_other_and_back(resharded):
-    losses, _ = resharded
+    losses = resharded[0]["resume"]
     reference = losses["reference"]  # steps 1-6, uninterrupted
     assert losses["same layout"] == reference[2:4]  # bit for bit
     for layout in ("tp1 pp2 dp4 ep2 v2", "tp2 dp4 zero3", "one process"):

@@ -79,7 +79,6 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     "layout",
     [
         ("same layout", ["parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"]),
-        ("tp1 pp1 dp2", ["--nproc-per-node", "2"]),
         ("dp2 with ep2", ["--nproc-per-node", "2", "parallel.expert=2"]),  # experts split
         ("one process", []),
     ],

@@ -231,14 +231,19 @@ def test_tp2_x_pp2_matches_one_process(tmp_path):
     assert_census_matches_ranks(payload)
 
 
-def test_eight_ranks_pp2_tp2_dp2_match_one_process(tmp_path):
-    layouts = [{"tp": 2, "pp": 2, "zero": 1}]
+# Eight ranks (tp 2 x pp 2 x dp 2, every lever at once): EIGHT_RANK_LAYOUTS, trained in the same
+# launch as the checkpoint resharding cases (tests/test_checkpoint_reshard.py).
+EIGHT_RANK_LAYOUTS = [
+    {"tp": 2, "pp": 2, "zero": 1},
     # Every lever at once: tp 2 x pp 2 x dp 2, ZeRO-2, sequence parallel, experts over ep 2.
-    every = {"parallel": {"expert": 2, "sequence_parallel": True}, **MOE_EVERY_STAGE[1]}
-    layouts += [{"tp": 2, "pp": 2, "zero": 2, **every}]
-    payload = run_layouts(tmp_path, 8, layouts)
-    assert_matches_reference(payload)
-    assert_census_matches_ranks(payload)
+    {
+        "tp": 2,
+        "pp": 2,
+        "zero": 2,
+        "parallel": {"expert": 2, "sequence_parallel": True},
+        **MOE_EVERY_STAGE[1],
+    },
+]
 
 
 def test_srun_tasks_find_their_rendezvous():
