@@ -169,7 +169,9 @@ def watchdog(pieces: int = 1) -> None:
 
 def run_layouts(layouts: list[dict]) -> dict | None:
     """Train ``layouts`` one after another, then (rank 0) each model's one-process reference;
-    rank 0 returns what the test compares, the others None."""
+    rank 0 returns what the test compares, the others None (all: None for no layouts)."""
+    if not layouts:
+        return None
     results = []
     for layout in layouts:
         watchdog()
