@@ -7,8 +7,9 @@
   "step": int}``;
 - ``hf``: OUT is a Hugging Face directory (`launch.hf_interop.export_hf`: Llama, Mixtral, Jamba).
 
-Only the weight files are read (`CheckpointReader.model_state`), so no GPU, no process group and
-no memory for the moments are needed.
+Only the weights are read (`CheckpointReader.model_state`: the weight boxes of format 2, the
+weight files of format 1), so no GPU, no process group and no memory for the moments are
+needed.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ class TrainModule(ABC):
     def prepare_save(self, copy: bool) -> Callable[[Path], list[str]]:
         """What this rank holds (weights, optimizer state, its own RNG where it differs), taken
         now, and the function that writes it into a checkpoint directory (returning the names
-        of the files it wrote). Every rank calls it
-        (it may be a collective: ZeRO partitions are gathered here). ``copy``: copy the tensors
+        of the files it wrote). Every rank calls it; the writer may be a collective (the ranks
+        plan one checkpoint together), nothing is gathered. ``copy``: copy the tensors
         to host memory, so the writer may run in a background thread while training goes on
         (``trainer.checkpoint_async``); else the writer must run before the next step."""
 

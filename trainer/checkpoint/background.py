@@ -1,8 +1,9 @@
 """A checkpoint written by a background thread while training goes on (``trainer.checkpoint_async``).
 
 The Trainer takes the snapshot on every rank at the step (`TrainModule.prepare_save` with
-``copy=True``: a host-memory copy, the gathers being collectives), starts one `BackgroundSave`
-per rank, and trains on. The ranks learn that all writers are done through the flag they
+``copy=True``: a host-memory copy of what the rank holds), starts one `BackgroundSave` per
+rank, and trains on; the writers plan the checkpoint together over their own process group
+(`torch.distributed.checkpoint`), so their collectives do not meet training's. The ranks learn that all writers are done through the flag they
 already exchange every step; then they share the writers' errors and rank 0 completes the
 checkpoint (manifest, rename, ``latest``) exactly as for a synchronous save. At most one save is
 in flight: the next save, the run's last one and a pre-emption's wait for it first.

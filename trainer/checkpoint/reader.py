@@ -69,6 +69,14 @@ class CheckpointReader:
         """`tensor` of each of ``names`` (a format may read them in one pass)."""
         return {name: self.tensor(name, rank, size) for name in names}
 
+    def read_into(self, targets: dict[str, torch.Tensor], rank: int = 0, size: int = 1) -> None:
+        """Fill each tensor of ``targets`` (dense name -> a tensor of its slice's shape, e.g. a
+        parameter) with tensor rank ``rank`` of ``size``'s slice, in place: no second copy of
+        what a rank loads."""
+        with torch.no_grad():
+            for name, target in targets.items():
+                target.copy_(self.tensor(name, rank, size))
+
     def model_state(self) -> dict[str, torch.Tensor]:
         """The whole model as one process holds it."""
         return self.tensors(self.names())

@@ -50,27 +50,44 @@ class DcpReader(CheckpointReader):
         present = [k for k in keys if k in self._metadata.state_dict_metadata]
         return load_boxes(self.path, self._metadata, {}, present) if present else {}
 
-    def _slice_of(self, key: str, name: str, rank: int, size: int, wants: Wants) -> torch.Tensor:
-        """An empty tensor for rank ``rank`` of ``size``'s slice of saved tensor ``key`` (of
-        parameter ``name``), its boxes added to ``wants``."""
+    def _slice_of(
+        self,
+        key: str,
+        name: str,
+        rank: int,
+        size: int,
+        wants: Wants,
+        into: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rank ``rank`` of ``size``'s slice of saved tensor ``key`` (of parameter ``name``),
+        its boxes added to ``wants``: to be read into ``into`` (None: a new tensor)."""
         md = tensor_metadata(self._metadata, key)
         if md is None:
             raise CheckpointError(
                 f"checkpoint {self.path} has no {key!r}; it was written for another model"
             )
         shape, split = tuple(md.size), split_of(name, self.cfg)
-        if split is None or size == 1 or len(shape) <= split.dim:
-            local = torch.empty(shape, dtype=md.properties.dtype)
-            wants[key] = [((0,) * len(shape), local)]
-            return local
-        dim = split.dim
-        local_shape = (*shape[:dim], shape[dim] // size, *shape[dim + 1 :])
-        local = torch.empty(local_shape, dtype=md.properties.dtype)
-        wants[key] = [
-            ((0,) * dim + (dense,) + (0,) * (len(shape) - dim - 1), local.narrow(dim, start, n))
-            for start, dense, n in tp_pieces(split, local_shape[dim], rank, size)
-        ]
-        return local
+        whole = split is None or size == 1 or len(shape) <= split.dim
+        local_shape = shape
+        if not whole:
+            dim = split.dim
+            local_shape = (*shape[:dim], shape[dim] // size, *shape[dim + 1 :])
+        if into is None:
+            into = torch.empty(local_shape, dtype=md.properties.dtype)
+        elif tuple(into.shape) != local_shape:
+            raise CheckpointError(
+                f"checkpoint {self.path}: {key!r} is {list(shape)}, which does not fit "
+                f"{list(into.shape)} at tensor rank {rank} of {size}; it was written for another "
+                f"model"
+            )
+        if whole:
+            wants[key] = [((0,) * len(shape), into)]
+        else:
+            wants[key] = [
+                ((0,) * dim + (dense,) + (0,) * (len(shape) - dim - 1), into.narrow(dim, start, n))
+                for start, dense, n in tp_pieces(split, local_shape[dim], rank, size)
+            ]
+        return into
 
     # ---- weights ---------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -85,6 +102,13 @@ class DcpReader(CheckpointReader):
         out = {name: self._slice_of(model_key(name), name, rank, size, wants) for name in names}
         load_boxes(self.path, self._metadata, wants)
         return out
+
+    def read_into(self, targets: dict[str, torch.Tensor], rank: int = 0, size: int = 1) -> None:
+        wants: Wants = {}
+        with torch.no_grad():
+            for name, target in targets.items():
+                self._slice_of(model_key(name), name, rank, size, wants, target.detach())
+            load_boxes(self.path, self._metadata, wants)
 
     # ---- optimizer -------------------------------------------------------------------------
     @cached_property

@@ -38,6 +38,7 @@ from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, piece_chunks, rng_file, save_chunks
 from trainer.checkpoint.dcp_io import STEP_KEY, model_key, moment_key
 from trainer.config import RunConfig, grad_accumulation_steps
+from trainer.host_memory import release_freed_host_memory
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.data_parallel import DataParallelEngine, effective_zero_stage
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
@@ -167,6 +168,7 @@ class ParallelTrainModule(TrainModule):
                 )
         if resume is not None:
             self._load_optimizer(resume)
+            release_freed_host_memory(grid.device)  # what reading the checkpoint freed
         post_optimizer_step(self.stage)
         self.link = StageLink(grid.prev_rank, grid.next_rank, grid.device)
         # Interleaving: the last rank's chunk c feeds the first rank's chunk c + 1 (a ring).
@@ -449,16 +451,12 @@ class ParallelTrainModule(TrainModule):
         return {name: t for name, t in state.items() if name not in params}
 
     def _load_weights(self, reader: CheckpointReader) -> None:
-        """This rank's slices of its stage's weights (`CheckpointReader.tensors`, one pass)."""
+        """This rank's slices of its stage's weights, read straight into them."""
         g = self.grid
         targets = {**dict(self.stage.model.named_parameters()), **self._buffers()}
-        names = [*targets, *(["embed.weight"] if self.stage.tied_head is not None else [])]
-        values = reader.tensors(list(dict.fromkeys(names)), g.tp_rank, g.tp)
-        with torch.no_grad():
-            for name, target in targets.items():
-                target.copy_(values[name])
-            if self.stage.tied_head is not None:
-                self.stage.tied_head.copy_(values["embed.weight"])
+        reader.read_into(targets, g.tp_rank, g.tp)
+        if self.stage.tied_head is not None:
+            reader.read_into({"embed.weight": self.stage.tied_head}, g.tp_rank, g.tp)
 
     def _load_optimizer(self, reader: CheckpointReader) -> None:
         step = reader.optimizer_step()
