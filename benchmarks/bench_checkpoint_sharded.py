@@ -5,9 +5,8 @@ gathering every ZeRO partition and writing dense tensors from rank 0 (the previo
 
 The script launches itself under ``torch.distributed.run`` (4 gloo ranks, ``OMP_NUM_THREADS=1``):
 layout dp 4 x tp 1 x pp 1, ``parallel.zero_stage=2``, model pattern ``*-*-*-*-`` (4 attention
-and 4 SwiGLU MLP sub-layers), vocabulary 32,000, untied head, fp32, AdamW, one training step
-first so the moments exist. Each method runs in its own launch (fresh processes, so neither
-inherits the other's freed heap):
+and 4 SwiGLU MLP sub-layers), head_dim 64, vocabulary 32,000, untied head, fp32, AdamW; one
+training step first so the moments exist. The two saves:
 
 - ``sharded``: ``module.prepare_save(copy=False)(dir)`` -- each rank writes its ZeRO-2
   fragments of the fp32 master and moments with torch.distributed.checkpoint, no gather;
@@ -15,14 +14,18 @@ inherits the other's freed heap):
   ``safe_get_full_fp32_param`` and ``safe_get_full_optimizer_state`` (exp_avg, exp_avg_sq) on
   every rank (all-reduces over the data-parallel group); rank 0 keeps them and writes two
   safetensors files with ``save_file`` and fsyncs them (the DCP writer fsyncs too:
-  ``sync_files=True``). Every rank writes its RNG file in both.
+  ``sync_files=True``); the other ranks drop theirs at once. Every rank writes its RNG file in
+  both.
 
-Time: a barrier, then each rank times its own save; the figure is the slowest rank's (max over
-ranks), best of ``--repeats``. Bytes: the sizes of the files each rank wrote. Memory: a thread
-samples the rank's resident set (psutil RSS) every 2 ms during the save; the figure is the peak
-minus the RSS just before the save (rank 0's, and the largest over ranks), the largest over the
-repeats (``ru_maxrss`` cannot be used: the training step's peak is higher than either save's).
-Last line: ``sharded_save_speedup=X.XX`` (gather time over sharded time).
+Two launches (fresh processes), each ``--repeats`` rounds of both saves interleaved (so both see
+the same load on shared cores): the first launch starts with ``sharded``, the second with
+``gather``. Time: a barrier, then each rank times its own save; the figure is the slowest rank's
+(max over ranks), best of every save of that method (2 x ``--repeats``). Bytes: the sizes of the
+files each rank wrote. Memory: a thread samples the rank's resident set (psutil RSS) every 2 ms
+during the save; the figure is the peak minus the RSS just before it, taken from the method's
+first save in a fresh process only (later saves reuse heap the earlier ones freed;
+``ru_maxrss`` cannot be used: the training step's peak is higher than either save's). Last
+line: ``sharded_save_speedup=X.XX`` (gather time over sharded time).
 """
 
 from __future__ import annotations
@@ -129,8 +132,44 @@ def gather_save(module, directory: Path, rank: int) -> list[str]:
     return [*written, rng_file(rank)]
 
 
+def save(module, grid, method: str, root: Path, repeat: int, args) -> None:
+    """One timed save by ``method`` into a fresh directory; rank 0 appends every rank's
+    figures to ``--report`` (``fresh``: this process's first save, whose memory counts)."""
+    import torch.distributed as dist
+
+    directory = root / f"repeat{repeat}"
+    if grid.rank == 0:
+        shutil.rmtree(Path(args.out) / "sharded", ignore_errors=True)  # one on disk at a time
+        shutil.rmtree(Path(args.out) / "gather", ignore_errors=True)
+        directory.mkdir(parents=True)
+    dist.barrier()
+    with PeakRss() as memory:
+        start = time.perf_counter()
+        if method == "sharded":
+            files = module.prepare_save(copy=False)(directory)
+        else:
+            files = gather_save(module, directory, grid.rank)
+        elapsed = time.perf_counter() - start
+    dist.barrier()
+    mine = {
+        "seconds": elapsed,
+        "bytes": sum((directory / f).stat().st_size for f in files),
+        "rss_growth": memory.growth,
+        "rss_before": memory.start,
+    }
+    ranks = [None] * grid.world
+    dist.all_gather_object(ranks, mine)
+    if grid.rank == 0:
+        fresh = repeat == 0 and method == args.first
+        record = {"method": method, "repeat": repeat, "fresh": fresh, "ranks": ranks}
+        record["params"] = sum(p.numel() for p in module.stage.model.parameters())
+        with open(args.report, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One rank of one method's launch; rank 0 appends one record per repeat to ``--report``."""
+    """One rank of one launch: build, one step, then ``--repeats`` rounds of both saves,
+    ``--first``'s first (its first save is this process's first: the one whose memory counts)."""
     import torch
     import torch.distributed as dist
 
@@ -141,44 +180,20 @@ def worker(args: argparse.Namespace) -> None:
     module = ParallelTrainModule(run_config(args.d_model), grid)
     g = torch.Generator().manual_seed(grid.dp_rank)
     module.train_step([torch.randint(0, VOCAB, (1, SEQ + 1), generator=g)], 1e-4)
-    root = Path(args.out) / args.method
+    order = [args.first, *(m for m in METHODS if m != args.first)]
     for i in range(args.repeats):
-        directory = root / f"repeat{i}"
-        if grid.rank == 0:
-            shutil.rmtree(root, ignore_errors=True)  # one checkpoint on disk at a time
-            directory.mkdir(parents=True)
-        dist.barrier()
-        with PeakRss() as memory:
-            start = time.perf_counter()
-            if args.method == "sharded":
-                files = module.prepare_save(copy=False)(directory)
-            else:
-                files = gather_save(module, directory, grid.rank)
-            elapsed = time.perf_counter() - start
-        dist.barrier()
-        mine = {
-            "seconds": elapsed,
-            "bytes": sum((directory / f).stat().st_size for f in files),
-            "rss_growth": memory.growth,
-            "rss_before": memory.start,
-        }
-        ranks = [None] * grid.world
-        dist.all_gather_object(ranks, mine)
-        if grid.rank == 0:
-            record = {"method": args.method, "repeat": i, "ranks": ranks}
-            record["params"] = sum(p.numel() for p in module.stage.model.parameters())
-            with open(args.report, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        for method in order:  # interleaved: both methods see the same load
+            save(module, grid, method, Path(args.out) / method, i, args)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def launch(args: argparse.Namespace, method: str, report: Path) -> None:
+def launch(args: argparse.Namespace, first: str, report: Path) -> None:
     from launch.spawn import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORLD}"]
     cmd += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
-    cmd += [str(Path(__file__).resolve()), "--method", method, "--report", str(report)]
+    cmd += [str(Path(__file__).resolve()), "--first", first, "--report", str(report)]
     cmd += ["--d-model", str(args.d_model), "--repeats", str(args.repeats), "--out", args.out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
@@ -189,17 +204,17 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="/tmp/ckpt-sharded")
-    parser.add_argument("--method", choices=METHODS)  # set when launched as a rank
+    parser.add_argument("--first", choices=METHODS)  # set when launched as a rank
     parser.add_argument("--report")
     args = parser.parse_args()
-    if args.method:
+    if args.first:
         return worker(args)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     report = out / "report.jsonl"
-    for method in METHODS:
-        launch(args, method, report)
+    for first in METHODS:
+        launch(args, first, report)
     records = [json.loads(line) for line in report.read_text().splitlines()]
     shutil.rmtree(out / "sharded", ignore_errors=True)
     shutil.rmtree(out / "gather", ignore_errors=True)
@@ -207,16 +222,19 @@ def main() -> None:
     rows = {}
     for method in METHODS:
         mine = [r["ranks"] for r in records if r["method"] == method]
+        (fresh,) = [r["ranks"] for r in records if r["method"] == method and r["fresh"]]
         rows[method] = {
             "seconds": min(max(rank["seconds"] for rank in ranks) for ranks in mine),
+            "times": len(mine),
             "bytes": [rank["bytes"] / mib for rank in mine[-1]],
-            "rank0_growth": max(ranks[0]["rss_growth"] for ranks in mine) / mib,
-            "max_growth": max(rank["rss_growth"] for ranks in mine for rank in ranks) / mib,
-            "rank0_before": mine[-1][0]["rss_before"] / mib,
+            "rank0_growth": fresh[0]["rss_growth"] / mib,
+            "max_growth": max(rank["rss_growth"] for rank in fresh) / mib,
+            "rank0_before": fresh[0]["rss_before"] / mib,
         }
     params = records[0]["params"] / 1e6
     print(f"model: {params:.1f}M parameters, pattern {PATTERN}, d_model {args.d_model}")
-    print(f"layout: dp {WORLD} x tp 1 x pp 1, ZeRO-2, gloo; best of {args.repeats}")
+    times = rows["sharded"]["times"]
+    print(f"layout: dp {WORLD} x tp 1 x pp 1, ZeRO-2, gloo; time: best of {times} saves each")
     print(
         "| save | slowest rank (s) | MiB written per rank (0/1/2/3) "
         "| rank-0 peak RSS growth (MiB) | largest rank's growth (MiB) |"
