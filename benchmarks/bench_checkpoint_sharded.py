@@ -14,7 +14,8 @@ training step first so the moments exist. The two saves:
   ``safe_get_full_fp32_param`` and ``safe_get_full_optimizer_state`` (exp_avg, exp_avg_sq) on
   every rank (all-reduces over the data-parallel group); rank 0 keeps them and writes two
   safetensors files with ``save_file`` and fsyncs them (the DCP writer fsyncs too:
-  ``sync_files=True``); the other ranks drop theirs at once. Every rank writes its RNG file in
+  ``sync_files=True``); the other ranks keep none past the next parameter. Every rank writes its
+  RNG file in
   both.
 
 Two launches (fresh processes), each ``--repeats`` rounds of both saves interleaved (so both see
