@@ -15,8 +15,7 @@ training step first so the moments exist. The two saves:
   every rank (all-reduces over the data-parallel group); rank 0 keeps them and writes two
   safetensors files with ``save_file`` and fsyncs them (the DCP writer fsyncs too:
   ``sync_files=True``); the other ranks keep none past the next parameter. Every rank writes its
-  RNG file in
-  both.
+  RNG file in both.
 
 Two launches (fresh processes), each ``--repeats`` rounds of both saves interleaved (so both see
 the same load on shared cores): the first launch starts with ``sharded``, the second with
