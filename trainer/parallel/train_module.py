@@ -38,7 +38,6 @@ from arch.tensor_parallel_plan import DENSE
 from trainer.checkpoint import Checkpoint, CheckpointReader, piece_chunks, rng_file, save_chunks
 from trainer.checkpoint.dcp_io import STEP_KEY, model_key, moment_key
 from trainer.config import RunConfig, grad_accumulation_steps
-from trainer.host_memory import release_freed_host_memory
 from trainer.optim import OPTIMIZERS, param_groups
 from trainer.parallel.data_parallel import DataParallelEngine, effective_zero_stage
 from trainer.parallel.expert_parallel import reduce_expert_parallel_grads
@@ -168,7 +167,6 @@ class ParallelTrainModule(TrainModule):
                 )
         if resume is not None:
             self._load_optimizer(resume)
-            release_freed_host_memory(grid.device)  # what reading the checkpoint freed
         post_optimizer_step(self.stage)
         self.link = StageLink(grid.prev_rank, grid.next_rank, grid.device)
         # Interleaving: the last rank's chunk c feeds the first rank's chunk c + 1 (a ring).
