@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import tiny_config
 from trainer import Trainer
-from trainer.checkpoint import verify_checkpoint
+from trainer.checkpoint import CheckpointError, verify_checkpoint
 from trainer.checkpoint.format import MANIFEST
 from trainer.checkpoint.remote import S3Checkpoints
 
@@ -210,7 +210,8 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
     server, tiny_data, tmp_path, monkeypatch, capsys
 ):
     """`eval s3://...` (a prefix: its newest complete checkpoint; or .../step_N) gives the
-    local copy's loss; generate, export-hf and checkpoint convert take the URL too; a missing
+    local copy's loss; generate, export-hf, checkpoint convert and trainer.resume_from take the
+    URL too; a missing
     bucket, an incomplete checkpoint and a store that is down are one line each."""
     from launch.cli import main
 
@@ -223,7 +224,8 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
         assert main(["eval", source]) == 0
         return capsys.readouterr().out.split("held-out loss ")[1]
 
-    local = loss_of(str(tmp_path / "run" / "checkpoints" / "step_00000002"))
+    local_copy = str(tmp_path / "run" / "checkpoints" / "step_00000002")
+    local = loss_of(local_copy)
     assert loss_of("s3://ckpts/e") == local
     weights = tmp_path / "cache" / "s3" / "ckpts" / "e" / "step_00000002" / "__0_0.distcp"
     stamp = weights.stat().st_mtime_ns
@@ -236,6 +238,16 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
     assert (tmp_path / "hf" / "config.json").exists()
     out = str(tmp_path / "model.safetensors")
     assert main(["checkpoint", "convert", "s3://ckpts/e", "--to", "safetensors", out]) == 0
+    capsys.readouterr()
+    # trainer.resume_from takes the URL: the same step 3 as resuming from the local copy.
+    steps = {}
+    for name, source in (("from_s3", "s3://ckpts/e/step_00000002"), ("from_disk", local_copy)):
+        resumed = tiny_config(tmp_path / name, tiny_data, max_steps=3, resume_from=source)
+        steps[name] = Trainer(resumed).fit().losses
+    assert set(steps["from_s3"]) == {3} and steps["from_s3"] == steps["from_disk"]
+    nothing = tiny_config(tmp_path / "none", tiny_data, max_steps=3, resume_from="s3://ckpts/no")
+    with pytest.raises(CheckpointError, match="holds no complete hybridtron checkpoint"):
+        Trainer(nothing).fit()
     capsys.readouterr()
     for source, problem in (
         ("s3://nobucket/x", "cannot read the checkpoint store s3://nobucket/x (NoSuchBucket"),
@@ -250,3 +262,26 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
     assert main(["eval", "s3://ckpts/elsewhere"]) == 1
     err = capsys.readouterr().err.strip()
     assert "cannot read the checkpoint store" in err and "AWS_ENDPOINT_URL" in err, err
+
+
+def test_two_ranks_resume_from_a_checkpoint_in_the_store(server, tiny_data, tmp_path, monkeypatch):
+    """`trainer.resume_from=s3://.../step_N` at pp 2: rank 0 downloads it into the cache, rank 1
+    uses that copy, and steps 3-4 are the uninterrupted run's, bit for bit."""
+    from tests.conftest import logged_losses, run_cli, tiny_run_args
+    from tests.test_distributed_train import MODEL
+
+    monkeypatch.setenv("HYBRIDTRON_CACHE", str(tmp_path / "cache"))
+    S3Checkpoints("s3://ckpts/r").client.create_bucket(Bucket="ckpts")
+    layout = ("parallel.pipeline=2", "--nproc-per-node", "2")
+    env = {"OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    args = tiny_run_args(tiny_data, whole, *MODEL, "trainer.checkpoint_dir=s3://ckpts/r", *layout)
+    proc = run_cli("train", *args, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    source = "trainer.resume_from=s3://ckpts/r/step_00000002"
+    proc = run_cli("train", *tiny_run_args(tiny_data, resumed, *MODEL, source, *layout), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = logged_losses(resumed), logged_losses(whole)
+    assert got == {s: want[s] for s in (3, 4)}
+    assert verify_checkpoint(tmp_path / "cache" / "s3" / "ckpts" / "r" / "step_00000002").step == 2

@@ -215,6 +215,8 @@ class Trainer:
 
     def _resume_point(self) -> ckpt.Checkpoint | None:
         t = self.cfg.trainer
+        if t.resume_from and str(t.resume_from).startswith("s3://"):
+            return self._fetch_resume_from(str(t.resume_from))
         if t.resume_from:
             return ckpt.verify_checkpoint(t.resume_from)
         if t.resume:
@@ -293,6 +295,43 @@ class Trainer:
             if not self.main:
                 raise PeerReported(failed[0])
             raise ckpt.CheckpointError(failed[0])
+
+    def _fetch_resume_from(self, url: str) -> ckpt.Checkpoint:
+        """``trainer.resume_from=s3://...``: rank 0 downloads the checkpoint into its cache
+        (`remote.fetch_checkpoint`: verified, an intact earlier copy reused); ranks that cannot
+        see that copy (another node's disk) get one on their node, fetched by the lowest such
+        rank there first. A failure is one line from rank 0, every rank stopping."""
+        from trainer.checkpoint.remote import fetch_checkpoint
+
+        def fetch() -> tuple[ckpt.Checkpoint | None, str | None]:
+            try:
+                return fetch_checkpoint(url), None
+            except ckpt.CheckpointError as exc:
+                return None, str(exc)
+
+        def agree(failure: str | None, what: str) -> None:
+            failed = [f for f in self.grid.gather(failure, what) if f]
+            if failed and not self.main:
+                raise PeerReported(failed[0])
+            if failed:
+                raise ckpt.CheckpointError(failed[0])
+
+        found, failure = fetch() if self.main else (None, None)
+        agree(failure, "download the checkpoint to resume from")
+        path = self.grid.gather(None if found is None else str(found.path), "share its path")[0]
+        if found is None and Path(path).is_dir():  # rank 0's copy: a file system they share
+            found = ckpt.verify_checkpoint(path)
+        # The rest: the lowest rank of each host downloads, then the others reuse its copy.
+        host = socket.gethostname() if found is None else None
+        hosts = self.grid.gather(host, "find the ranks without rank 0's copy")
+        if host is not None and hosts.index(host) == self.grid.rank:
+            found, failure = fetch()
+        agree(failure, "download the checkpoint on every node")
+        if found is None:
+            found, failure = fetch()
+            if failure:
+                raise ckpt.CheckpointError(failure)
+        return found
 
     def _store_failure(self, exc: Exception) -> str:
         cause = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
