@@ -265,23 +265,26 @@ def test_eval_generate_and_exports_read_a_checkpoint_from_the_store(
 
 
 def test_two_ranks_resume_from_a_checkpoint_in_the_store(server, tiny_data, tmp_path, monkeypatch):
-    """`trainer.resume_from=s3://.../step_N` at pp 2: rank 0 downloads it into the cache, rank 1
-    uses that copy, and steps 3-4 are the uninterrupted run's, bit for bit."""
+    """`trainer.resume_from=s3://.../step_N` at pp 2 from a one-process run's stored
+    checkpoint: rank 0 downloads it into the cache, rank 1 uses that copy, and steps 3-4
+    continue the run (another layout: within 1e-5, as in test_distributed_train)."""
     from tests.conftest import logged_losses, run_cli, tiny_run_args
-    from tests.test_distributed_train import MODEL
+    from tests.test_distributed_train import MODEL, TOLERANCE
 
     monkeypatch.setenv("HYBRIDTRON_CACHE", str(tmp_path / "cache"))
     S3Checkpoints("s3://ckpts/r").client.create_bucket(Bucket="ckpts")
-    layout = ("parallel.pipeline=2", "--nproc-per-node", "2")
     env = {"OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
-    args = tiny_run_args(tiny_data, whole, *MODEL, "trainer.checkpoint_dir=s3://ckpts/r", *layout)
+    args = tiny_run_args(tiny_data, whole, *MODEL, "trainer.checkpoint_dir=s3://ckpts/r")
     proc = run_cli("train", *args, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = tmp_path / "resumed"
     source = "trainer.resume_from=s3://ckpts/r/step_00000002"
+    layout = ("parallel.pipeline=2", "--nproc-per-node", "2")
     proc = run_cli("train", *tiny_run_args(tiny_data, resumed, *MODEL, source, *layout), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got, want = logged_losses(resumed), logged_losses(whole)
-    assert got == {s: want[s] for s in (3, 4)}
+    assert set(got) == {3, 4}
+    for step in (3, 4):
+        assert abs(got[step] - want[step]) / want[step] <= TOLERANCE, (step, got, want)
     assert verify_checkpoint(tmp_path / "cache" / "s3" / "ckpts" / "r" / "step_00000002").step == 2

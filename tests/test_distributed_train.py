@@ -80,7 +80,6 @@ def test_sharded_checkpoint_layout(tp2_pp2_run):
     [
         ("same layout", ["parallel.tensor=2", "parallel.pipeline=2", "--nproc-per-node", "4"]),
         ("dp2 with ep2", ["--nproc-per-node", "2", "parallel.expert=2"]),  # experts split
-        ("one process", []),
     ],
     ids=lambda v: v[0],
 )
